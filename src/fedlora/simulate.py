@@ -1,0 +1,452 @@
+"""The round loop on a simulated wireless clock, with atomic checkpoints and resume.
+
+config -> (data, profiles, method) -> rounds -> run folder. Every round: the method picks
+its clients and what they start from; each client trains for real on the shared base
+model; the method aggregates; the clock adds what that round would have cost on the
+network (broadcast, the slowest of compute + upload under the bandwidth allocation, and
+any server work). Real CPU time is reported beside it, never mixed in.
+
+All randomness is counter-based (seed, purpose, round, client), so a resumed run draws
+exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import InputError, RunConfig, dump_config
+from .data import DataError, Question, load_tasks, partition, subsample
+from .methods import METHODS, MethodContext, get_method
+from .methods.base import Method, payload_values
+from .model import Engine, ModelError, ModelSpec
+from .sketch import payload_values as rank_payload_values
+from .system import (ClientProfile, ComputeModel, channel_profiles, equal_finish_allocation,
+                     equal_split_allocation, generate_profiles, rayleigh_fading)
+
+STREAM_DATA, STREAM_PROFILES, STREAM_EVAL, STREAM_INIT, STREAM_BATCH, STREAM_FADING = 1, 2, 3, 4, 5, 6
+
+
+def derived_seed(seed: int, *purpose: int) -> int:
+    return int(np.random.SeedSequence([seed, *purpose]).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------ setup
+
+
+@dataclass
+class Setup:
+    """Everything a run needs that does not change from round to round."""
+
+    cfg: RunConfig
+    train: list[Question]  # all clients' training questions, concatenated
+    client_indices: list[np.ndarray]  # client i owns train[client_indices[i]]
+    eval_questions: list[Question]  # fixed periodic-eval subset, every task
+    final_questions: list[Question]
+    profiles: list[ClientProfile]
+    engine: Engine
+    data_report: dict
+
+    @property
+    def num_samples(self) -> np.ndarray:
+        return np.array([len(ix) for ix in self.client_indices])
+
+    @property
+    def data_share(self) -> np.ndarray:
+        n = self.num_samples
+        return n / n.sum()
+
+    @property
+    def upload_bits_full(self) -> float:
+        """Bits of one full-rank LoRA update of this model (all target modules)."""
+        values = rank_payload_values(self.engine.module_shapes, self.cfg.lora.rank)
+        return float(values * self.cfg.system.bytes_per_value * 8)
+
+    def method_context(self) -> MethodContext:
+        eff = np.array([p.bits_per_s_per_hz for p in self.profiles])
+        return MethodContext(
+            cfg=self.cfg, data_share=self.data_share,
+            compute_time_s=np.array([p.compute_time_s for p in self.profiles]),
+            upload_s_hz=self.upload_bits_full / eff,
+            module_shapes=dict(self.engine.module_shapes), engine=self.engine)
+
+
+def model_spec(cfg: RunConfig) -> ModelSpec:
+    return ModelSpec(name_or_path=cfg.model.name_or_path, kind=cfg.model.kind, max_length=cfg.model.max_length,
+                     target_modules=tuple(cfg.lora.target_modules) if cfg.lora.target_modules else None,
+                     lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, score=cfg.model.score,
+                     device=cfg.model.device)
+
+
+def load_profiles_file(path: str, num_clients: int) -> list[ClientProfile]:
+    p = Path(path)
+    try:
+        records = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{p}: profile file not found (system.profiles.file)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{p}: cannot read profiles ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    if isinstance(records, dict) and "clients" in records:
+        records = records["clients"]
+    if not isinstance(records, list):
+        raise InputError(f"{p}: expected a JSON list of client profiles")
+    if len(records) != num_clients:
+        raise InputError(f"{p}: {len(records)} profiles for data.num_clients={num_clients}")
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise InputError(f"{p}: profile {i}: expected an object")
+        for key in ("compute_time_s", "bits_per_s_per_hz"):
+            v = rec.get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not np.isfinite(v):
+                raise InputError(f"{p}: profile {i}: field '{key}': value {v!r}: must be a positive number")
+        extra = {k: v for k, v in rec.items() if k not in ("id", "compute_time_s", "bits_per_s_per_hz")}
+        out.append(ClientProfile(id=i, compute_time_s=float(rec["compute_time_s"]),
+                                 bits_per_s_per_hz=float(rec["bits_per_s_per_hz"]), extra=extra))
+    return out
+
+
+def make_profiles(cfg: RunConfig, engine: Engine) -> list[ClientProfile]:
+    pc, n = cfg.system.profiles, cfg.data.num_clients
+    seed = derived_seed(cfg.seed, STREAM_PROFILES)
+    if pc.source == "file":
+        return load_profiles_file(pc.file, n)
+    if pc.source == "generate":
+        return generate_profiles(n, seed=seed, compute_time_s=pc.compute_time_s, compute_spread=pc.compute_spread,
+                                 bits_per_s_per_hz=pc.bits_per_s_per_hz, link_spread=pc.link_spread,
+                                 distribution=pc.distribution)
+    flops_per_round = engine.flops_per_step(cfg.train.batch_size) * cfg.train.local_steps
+    # SNR is taken at the bandwidth a client would get if the expected participants split B.
+    return channel_profiles(n, seed=seed, flops_per_round=flops_per_round,
+                            device_flops_median=pc.device_flops_median, device_flops_spread=pc.device_flops_spread,
+                            cell_radius_m=pc.cell_radius_m, tx_power_dbm=tuple(pc.tx_power_dbm),
+                            noise_dbm_per_hz=pc.noise_dbm_per_hz, shadowing_db=pc.shadowing_db,
+                            reference_bandwidth_hz=cfg.system.bandwidth_hz / max(1, n))
+
+
+def build_setup(cfg: RunConfig) -> Setup:
+    """Load data, partition it, build the model and the client profiles. Raises InputError."""
+    try:
+        tasks = load_tasks(Path(cfg.data.dir) if cfg.data.dir else None, cfg.data.tasks,
+                           carve_fraction=cfg.data.carve_fraction)
+    except DataError as e:
+        raise InputError(str(e)) from None
+    if not tasks:
+        raise InputError(f"data.dir {cfg.data.dir}: no task folders found")
+    train: list[Question] = []
+    task_of: list[int] = []
+    eval_qs: list[Question] = []
+    final_qs: list[Question] = []
+    report = {"tasks": {}}
+    for t_id, (name, task) in enumerate(tasks.items()):
+        keep = subsample(len(task.train), cfg.data.max_train_per_task, seed=derived_seed(cfg.seed, STREAM_DATA, t_id))
+        train.extend(task.train[j] for j in keep)
+        task_of.extend([t_id] * len(keep))
+        ev = subsample(len(task.test), cfg.eval.max_examples, seed=derived_seed(cfg.seed, STREAM_EVAL, t_id))
+        fin = subsample(len(task.test), cfg.eval.final_max_examples, seed=derived_seed(cfg.seed, STREAM_EVAL, t_id))
+        eval_qs.extend(task.test[j] for j in ev)
+        final_qs.extend(task.test[j] for j in fin)
+        report["tasks"][name] = {"source": task.source, "train_available": len(task.train), "train_used": len(keep),
+                                 "test": len(task.test), "eval_subset": len(ev), "final_eval": len(fin),
+                                 "train_carved_from_test": task.train_carved_from_test}
+    try:
+        clients = partition(np.array(task_of), cfg.data.num_clients, alpha=cfg.data.dirichlet_alpha,
+                            seed=derived_seed(cfg.seed, STREAM_DATA), min_samples=cfg.data.min_client_samples)
+    except DataError as e:
+        raise InputError(f"data: {e}") from None
+    names = list(tasks)
+    report["clients"] = [{name: int((np.array(task_of)[ix] == t).sum()) for t, name in enumerate(names)}
+                         for ix in clients]
+    try:
+        engine = Engine(model_spec(cfg), rank=cfg.lora.rank, seed=cfg.seed)
+    except ModelError as e:
+        raise InputError(f"model.name_or_path: {e}") from None
+    profiles = make_profiles(cfg, engine)
+    return Setup(cfg=cfg, train=train, client_indices=clients, eval_questions=eval_qs, final_questions=final_qs,
+                 profiles=profiles, engine=engine, data_report=report)
+
+
+def client_batches(setup: Setup, client: int, round_idx: int) -> list[list[Question]]:
+    """tau minibatches drawn without replacement within a batch, seeded by (round, client)."""
+    cfg = setup.cfg
+    rng = np.random.default_rng([cfg.seed, STREAM_BATCH, round_idx, client])
+    own = setup.client_indices[client]
+    size = min(cfg.train.batch_size, len(own))
+    return [[setup.train[j] for j in rng.choice(own, size=size, replace=False)]
+            for _ in range(cfg.train.local_steps)]
+
+
+# ------------------------------------------------------------- run folder
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def clients_json(setup: Setup) -> list[dict]:
+    rows = []
+    for p, n, share in zip(setup.profiles, setup.num_samples, setup.data_share):
+        rows.append({"id": p.id, "num_samples": int(n), "data_share": float(share),
+                     "compute_time_s": p.compute_time_s, "upload_bits": setup.upload_bits_full,
+                     "bits_per_s_per_hz": p.bits_per_s_per_hz, **p.extra})
+    return rows
+
+
+def save_checkpoint(out: Path, state, method: Method, engine: Engine, progress: dict) -> None:
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(flatten_state(state), str(tmp / "adapter_state.safetensors"))
+    torch.save(method.state_dict(), tmp / "method_state.pt")
+    base_delta = engine.base_delta()
+    if base_delta:
+        save_file({k: v.contiguous() for k, v in base_delta.items()}, str(tmp / "base_delta.safetensors"))
+    (tmp / "progress.json").write_text(json.dumps(progress))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path):
+    final, old = out / "checkpoint", out / "checkpoint.old"
+    if not final.exists() and old.exists():  # crashed between the two renames
+        os.replace(old, final)
+    if not (final / "progress.json").exists():
+        return None
+    state = unflatten_state(load_file(str(final / "adapter_state.safetensors")))
+    method_state = torch.load(final / "method_state.pt", weights_only=False)
+    base = final / "base_delta.safetensors"
+    base_delta = load_file(str(base)) if base.exists() else {}
+    return state, method_state, base_delta, json.loads((final / "progress.json").read_text())
+
+
+def flatten_state(state) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (a, b) in state.items():
+        out[f"{name}.A"], out[f"{name}.B"] = a.contiguous(), b.contiguous()
+    return out
+
+
+def unflatten_state(flat: dict[str, torch.Tensor]):
+    names = sorted({k.rsplit(".", 1)[0] for k in flat})
+    return {n: (flat[f"{n}.A"], flat[f"{n}.B"]) for n in names}
+
+
+# ------------------------------------------------------------------ loop
+
+
+class RoundClock:
+    """Simulated seconds of one round: broadcast + (compute, upload) under the allocation + server."""
+
+    def __init__(self, setup: Setup):
+        cfg = setup.cfg
+        self.cfg = cfg
+        self.compute_model = ComputeModel(cfg.system.compute_model.kind, cfg.system.compute_model.fixed_fraction)
+        self.compute_time_s = np.array([p.compute_time_s for p in setup.profiles])
+        self.eff = np.array([p.bits_per_s_per_hz for p in setup.profiles])
+        self.allocate = equal_finish_allocation if cfg.system.allocation == "equal_finish" else equal_split_allocation
+
+    def round_time(self, round_idx: int, ids: list[int], ratios: list[float], upload_bits: list[float],
+                   download_bits: float, server_s: float) -> dict:
+        sys = self.cfg.system
+        eff = self.eff[ids]
+        if sys.profiles.fading and ids:
+            rng = np.random.default_rng([self.cfg.seed, STREAM_FADING, round_idx])
+            eff = rayleigh_fading(rng, self.eff, 2.0 ** self.eff - 1.0)[ids]
+        t_cp = self.compute_model.time_s(self.compute_time_s[ids], np.asarray(ratios))
+        t_cm = np.asarray(upload_bits) / eff
+        if ids:
+            t_train, _ = self.allocate(np.asarray(t_cp, float), t_cm, sys.bandwidth_hz)
+        else:
+            t_train = 0.0
+        download_s = download_bits / sys.downlink_bps
+        return {"round_time_s": float(download_s + t_train + server_s), "download_time_s": float(download_s),
+                "train_upload_time_s": float(t_train), "server_time_s": float(server_s),
+                "max_compute_time_s": float(np.max(t_cp)) if ids else 0.0}
+
+
+def target_reached(target, eval_acc: dict[str, float], eval_mean: float) -> bool:
+    if target is None:
+        return False
+    if isinstance(target, dict):
+        return all(eval_acc.get(task, 0.0) >= t for task, t in target.items())
+    return eval_mean >= target
+
+
+def evaluate(setup: Setup, state, questions) -> tuple[dict[str, float], float]:
+    acc = setup.engine.evaluate(state, scaling=setup.cfg.lora.alpha / setup.cfg.lora.rank,
+                                questions=questions, batch_size=setup.cfg.eval.batch_size)
+    return acc, float(np.mean(list(acc.values())))
+
+
+def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if resume:
+            return
+        if not overwrite:
+            raise InputError(f"{out}: run folder exists; use --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    elif resume:
+        raise InputError(f"{out}: nothing to resume (no run folder)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        setup: Setup | None = None, log=print) -> dict:
+    """Run one method on a config into the run folder `out`; returns the result dict."""
+    method_cls = get_method(cfg.method)
+    out = Path(out)
+    if resume and (out / "config.yaml").exists():
+        saved = (out / "config.yaml").read_text()
+        if saved != dump_config(cfg):
+            raise InputError(f"{out}/config.yaml: differs from the given config; resume needs the same config")
+    setup = setup or build_setup(cfg)  # validates data, model and profiles before touching `out`
+    ctx = setup.method_context()
+    method = method_cls(ctx)
+    prepare_out(out, resume=resume, overwrite=overwrite)
+    if (out / "result.json").exists() and resume:
+        return json.loads((out / "result.json").read_text())
+
+    ckpt = load_checkpoint(out) if resume else None
+    metrics_path = out / "metrics.jsonl"
+    if ckpt is None:
+        write_atomic(out / "config.yaml", dump_config(cfg))
+        write_atomic(out / "clients.json", json.dumps(clients_json(setup), indent=1))
+        write_atomic(out / "data.json", json.dumps(setup.data_report, indent=1))
+        plan = method.plan()
+        if plan is not None:
+            write_atomic(out / "plan.json", json.dumps(plan, indent=1))
+        state = setup.engine.init_state(derived_seed(cfg.seed, STREAM_INIT))
+        acc, mean = evaluate(setup, state, setup.eval_questions)
+        row0 = {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "participants": [], "upload_bytes": 0,
+                "download_bytes": 0, "train_loss": None, "eval": acc, "eval_mean": mean}
+        write_atomic(metrics_path, json.dumps(row0) + "\n")
+        prog = {"next_round": 1, "sim_time_s": 0.0, "cpu_time_s": 0.0, "stop_reason": None,
+                "upload_bytes": 0, "download_bytes": 0}
+        if target_reached(cfg.train.target_accuracy, acc, mean):
+            prog["stop_reason"] = "target_accuracy"
+        save_checkpoint(out, state, method, setup.engine, prog)
+    else:
+        state, method_state, base_delta, prog = ckpt
+        method.load_state_dict(method_state)
+        if base_delta:
+            setup.engine.load_base_delta(base_delta)
+        # drop metric rows written after the checkpoint (a crash between row and checkpoint)
+        rows = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
+        rows = [ln for ln in rows if json.loads(ln)["round"] < prog["next_round"]]
+        write_atomic(metrics_path, "".join(r + "\n" for r in rows))
+
+    clock = RoundClock(setup)
+    bytes_per_value = cfg.system.bytes_per_value
+    rounds = cfg.train.rounds
+    bar = _progress(rounds, prog["next_round"] - 1, enabled=progress)
+    last = {}
+    with open(metrics_path, "a") as metrics:
+        t = prog["next_round"]
+        while prog["stop_reason"] is None and t <= rounds:
+            cpu0 = time.perf_counter()
+            rc = method.configure_round(t, state)
+            jobs = {j.client_id: j for j in rc.jobs}
+            payloads, losses, rejected, upload_bits = {}, [], [], {}
+            for i, job in jobs.items():
+                res = setup.engine.train_local(
+                    job.start, scaling=job.scaling, batches=client_batches(setup, i, t), lr=cfg.train.lr,
+                    optimizer=cfg.train.optimizer, weight_decay=cfg.train.weight_decay,
+                    regularizer=job.regularizer, max_grad_norm=cfg.train.max_grad_norm)
+                payload = method.client_payload(job, res.state)
+                upload_bits[i] = payload_values(payload) * bytes_per_value * 8
+                if res.finite and all(bool(torch.isfinite(v).all()) for v in payload.values()):
+                    payloads[i] = payload
+                    losses.append(float(np.mean(res.losses)))
+                else:
+                    rejected.append(i)  # NaN/inf update: dropped, recorded, the run goes on
+            state = method.aggregate(t, state, jobs, payloads)
+            ids = sorted(jobs)
+            download_values = rc.broadcast_values + sum(j.unicast_values for j in rc.jobs)
+            times = clock.round_time(t, ids, [jobs[i].compute_ratio for i in ids], [upload_bits[i] for i in ids],
+                                     download_values * bytes_per_value * 8, method.server_time_s())
+            prog["sim_time_s"] += times["round_time_s"]
+            up = int(sum(upload_bits.values()) // 8)
+            down = int(download_values * bytes_per_value)
+            prog["upload_bytes"] += up
+            prog["download_bytes"] += down
+            row = {"round": t, "sim_time_s": prog["sim_time_s"], **times, "participants": ids,
+                   "upload_bytes": up, "download_bytes": down,
+                   "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected, **rc.info}
+            if t % cfg.eval.every == 0 or t == rounds:
+                acc, mean = evaluate(setup, state, setup.eval_questions)
+                row["eval"], row["eval_mean"] = acc, mean
+                if target_reached(cfg.train.target_accuracy, acc, mean):
+                    prog["stop_reason"] = "target_accuracy"
+            if cfg.train.max_sim_time_s is not None and prog["sim_time_s"] >= cfg.train.max_sim_time_s \
+                    and prog["stop_reason"] is None:
+                prog["stop_reason"] = "max_sim_time"
+            if t == rounds and prog["stop_reason"] is None:
+                prog["stop_reason"] = "max_rounds"
+            row["cpu_time_s"] = time.perf_counter() - cpu0
+            prog["cpu_time_s"] += row["cpu_time_s"]
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            prog["next_round"] = t + 1
+            save_checkpoint(out, state, method, setup.engine, prog)
+            last = row
+            bar.update(1)
+            bar.set_postfix(sim=f"{prog['sim_time_s']:.0f}s", loss=_fmt(row["train_loss"]),
+                            acc=_fmt(row.get("eval_mean", last.get("eval_mean"))))
+            t += 1
+    bar.close()
+    if prog["stop_reason"] is None:
+        prog["stop_reason"] = "max_rounds"
+    return finish(setup, out, state, prog)
+
+
+def finish(setup: Setup, out: Path, state, prog: dict) -> dict:
+    cfg = setup.cfg
+    acc, mean = evaluate(setup, state, setup.final_questions)
+    adapter_tmp = out / "adapter.tmp"
+    shutil.rmtree(adapter_tmp, ignore_errors=True)
+    setup.engine.save_peft_adapter(state, cfg.lora.alpha, adapter_tmp)
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    os.replace(adapter_tmp, out / "adapter")
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    result = {"method": cfg.method, "seed": cfg.seed, "stop_reason": prog["stop_reason"],
+              "rounds": rows[-1]["round"], "sim_time_s": prog["sim_time_s"], "cpu_time_s": prog["cpu_time_s"],
+              "upload_bytes": prog["upload_bytes"], "download_bytes": prog["download_bytes"],
+              "final_eval": acc, "final_eval_mean": mean,
+              "final_eval_examples": len(setup.final_questions),
+              "time_to_target_s": time_to_target(rows, cfg.train.target_accuracy)}
+    write_atomic(out / "result.json", json.dumps(result, indent=1))
+    return result
+
+
+def time_to_target(rows: list[dict], target) -> float | None:
+    if target is None:
+        return None
+    for r in rows:
+        if "eval" in r and target_reached(target, r["eval"], r["eval_mean"]):
+            return r["sim_time_s"]
+    return None
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="round", dynamic_ncols=True)
+
+
+__all__ = ["METHODS", "Setup", "build_setup", "run", "client_batches", "RoundClock", "time_to_target"]

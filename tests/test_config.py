@@ -1,0 +1,70 @@
+"""Config validation: every bad value gives one line naming file, field and value."""
+
+import pytest
+import yaml
+
+from fedlora.config import InputError, apply_overrides, dump_config, load_config, validate
+
+
+def write(tmp_path, data, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def error_of(tmp_path, data, overrides=()):
+    with pytest.raises(InputError) as e:
+        load_config(write(tmp_path, data), list(overrides))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_and_roundtrip(tmp_path):
+    cfg = load_config(write(tmp_path, {"train": {"rounds": 3}}))
+    assert cfg.train.rounds == 3 and cfg.lora.rank == 8
+    again = validate(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(write(tmp_path, {}), ["train.rounds=5", "system.bandwidth_hz=2e6",
+                                           "sampling.participation_prob=[0.5, 1.0]", "data.num_clients=2"])
+    assert cfg.train.rounds == 5 and cfg.system.bandwidth_hz == 2e6
+    assert cfg.sampling.participation_prob == [0.5, 1.0]
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
+
+
+@pytest.mark.parametrize("data,overrides,needles", [
+    ({"trian": {}}, [], ["unknown key", "trian"]),
+    ({"train": {"rounds": 2, "epochs": 3}}, [], ["unknown key", "train.epochs"]),
+    ({"sampling": {"participation_prob": 1.5}}, [], ["sampling.participation_prob", "1.5"]),
+    ({"sampling": {"participation_prob": 0}}, [], ["sampling.participation_prob", "0"]),
+    ({"sketch": {"ratio": -0.1}}, [], ["sketch.ratio", "-0.1"]),
+    ({"lora": {"rank": 0}}, [], ["lora.rank", "0"]),
+    ({"data": {"num_clients": 3}, "sampling": {"participation_prob": [0.5, 0.5]}}, [],
+     ["participation_prob has 2 values for 3 clients"]),
+    ({}, ["train.lr=-1"], ["train.lr", "-1"]),
+    ({}, ["train.target_accuracy=1.5"], ["train.target_accuracy", "1.5"]),
+    ({"system": {"profiles": {"source": "file"}}}, [], ["system.profiles.file"]),
+])
+def test_bad_values(tmp_path, data, overrides, needles):
+    msg = error_of(tmp_path, data, overrides)
+    assert "c.yaml" in msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(InputError, match="top level must be a mapping"):
+        load_config(lst)
+    with pytest.raises(InputError, match="expected KEY=VALUE"):
+        load_config(write(tmp_path, {}), ["train.rounds"])

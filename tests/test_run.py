@@ -1,0 +1,175 @@
+"""The round loop end to end on the smoke config: run folder, resume, rejected updates, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora import simulate
+from fedlora.config import InputError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return simulate.build_setup(load_config(SMOKE))
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_cpu_time(rs):
+    return [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in rs]
+
+
+def test_run_folder_contract(setup, tmp_path):
+    out = tmp_path / "run"
+    result = simulate.run(setup.cfg, out, setup=setup, progress=False)
+    for name in ("config.yaml", "clients.json", "plan.json", "metrics.jsonl", "data.json", "result.json",
+                 "adapter/adapter_config.json", "checkpoint/progress.json"):
+        assert (out / name).exists(), name
+    rs = rows(out)
+    assert [r["round"] for r in rs] == [0, 1, 2, 3]
+    for r in rs[1:]:
+        for key in ("round", "sim_time_s", "round_time_s", "participants", "upload_bytes", "download_bytes",
+                    "train_loss", "eval", "eval_mean"):
+            assert key in r, key
+    # the clock adds up and never runs backwards
+    assert math.isclose(rs[-1]["sim_time_s"], sum(r["round_time_s"] for r in rs), rel_tol=1e-9)
+    clients = json.loads((out / "clients.json").read_text())
+    assert len(clients) == 4 and math.isclose(sum(c["data_share"] for c in clients), 1.0)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["participation_prob"] == [0.75] * 4 and plan["ranks"] == [2] * 4
+    # upload bytes = what was sent: each participant sends rank-2 slices of every module
+    per_client = sum(2 * (i + o) for i, o in setup.engine.module_shapes.values()) * 4
+    for r in rs[1:]:
+        assert r["upload_bytes"] == per_client * len(r["participants"])
+    assert result["rounds"] == 3 and set(result["final_eval"]) == {"ARC-Easy", "social_i_qa"}
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    simulate.run(setup.cfg, full, setup=setup, progress=False)
+
+    killed = tmp_path / "killed"
+    real = simulate.client_batches
+
+    def crash_in_round_3(s, client, round_idx):
+        if round_idx == 3:
+            raise KeyboardInterrupt("killed")
+        return real(s, client, round_idx)
+
+    monkeypatch.setattr(simulate, "client_batches", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        simulate.run(setup.cfg, killed, setup=setup, progress=False)
+    assert [r["round"] for r in rows(killed)] == [0, 1, 2]
+    assert not (killed / "result.json").exists()
+    monkeypatch.setattr(simulate, "client_batches", real)
+    simulate.run(setup.cfg, killed, setup=setup, progress=False, resume=True)
+
+    assert without_cpu_time(rows(killed)) == without_cpu_time(rows(full))
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_update_is_rejected_and_run_goes_on(setup, tmp_path, monkeypatch):
+    engine = setup.engine
+    real = engine.train_local
+    cfg = setup.cfg.model_copy(deep=True)
+    cfg.sampling.participation_prob = 1.0
+    cfg.train.rounds = 2
+
+    def poisoned(start, **kw):
+        res = real(start, **kw)
+        first = next(iter(res.state))
+        a, b = res.state[first]
+        res.state[first] = (a, torch.full_like(b, float("nan")))
+        return res
+
+    calls = {"n": 0}
+
+    def sometimes_poisoned(start, **kw):
+        calls["n"] += 1
+        return poisoned(start, **kw) if calls["n"] == 2 else real(start, **kw)
+
+    monkeypatch.setattr(engine, "train_local", sometimes_poisoned)
+    out = tmp_path / "nan"
+    simulate.run(cfg, out, setup=simulate.Setup(**{**setup.__dict__, "cfg": cfg}), progress=False)
+    rs = rows(out)
+    assert rs[1]["rejected"] == [rs[1]["participants"][1]]
+    assert rs[2]["rejected"] == []
+    state = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_same_seed_same_numbers(setup, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    simulate.run(setup.cfg, a, setup=setup, progress=False)
+    simulate.run(setup.cfg, b, setup=setup, progress=False)
+    assert without_cpu_time(rows(a)) == without_cpu_time(rows(b))
+
+
+def test_existing_folder_needs_resume_or_overwrite(setup, tmp_path):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "something").write_text("keep me")
+    with pytest.raises(InputError, match="--resume"):
+        simulate.run(setup.cfg, out, setup=setup, progress=False)
+    assert (out / "something").read_text() == "keep me"
+
+
+# ------------------------------------------------------------ CLI, exit code 2
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "fedlora.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def bad_input_cases(tmp_path):
+    bad_profiles = tmp_path / "profiles.json"
+    bad_profiles.write_text('[{"compute_time_s": 1, "bits_per_s_per_hz": 2}]')
+    unreadable = tmp_path / "garbled.json"
+    unreadable.write_text("{not json")
+    bad_task = tmp_path / "tasks" / "broken"
+    bad_task.mkdir(parents=True)
+    (bad_task / "test.json").write_text(json.dumps([{"instruction": "Q?\n\nAnswer1: a Answer2: b\n\n"
+                                                     "Answer format: answer1/answer2", "answer": "answer9"}]))
+    return [
+        (["data.num_clients=4", "trian.rounds=3"], ["unknown key", "trian"]),
+        (["sampling.participation_prob=1.5"], ["sampling.participation_prob", "1.5"]),
+        (["sketch.ratio=0"], ["sketch.ratio", "0"]),
+        (["lora.rank=0"], ["lora.rank", "0"]),
+        ([f"data.dir={tmp_path / 'missing'}"], ["missing"]),
+        ([f"data.dir={tmp_path / 'tasks'}", "data.tasks=[broken]"], ["test.json", "record 0", "answer9"]),
+        (["system.profiles.source=file", f"system.profiles.file={bad_profiles}"], ["profiles.json", "1 profiles"]),
+        (["system.profiles.source=file", f"system.profiles.file={unreadable}"], ["garbled.json"]),
+        (["system.profiles.source=file", f"system.profiles.file={tmp_path / 'nofile.json'}"], ["nofile.json"]),
+        (["model.name_or_path=/no/such/model"], ["model.name_or_path", "/no/such/model"]),
+    ]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path):
+    for i, (overrides, needles) in enumerate(bad_input_cases(tmp_path)):
+        out = tmp_path / f"out{i}"
+        res = cli("run", SMOKE, "-o", out, "--quiet", *overrides)
+        assert res.returncode == 2, (overrides, res.stderr[-2000:])
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+        for n in needles:
+            assert n in lines[0], (n, lines[0])
+        assert not out.exists(), "nothing may be written on bad input"
+    res = cli("run", tmp_path / "none.yaml")
+    assert res.returncode == 2 and "config file not found" in res.stderr
