@@ -92,12 +92,109 @@ def _print_result(result: dict, out: Path) -> None:
 
 
 @app.command()
+@user_errors
+def plan(config: Path = typer.Argument(..., help="YAML run config"),
+         as_json: bool = typer.Option(False, "--json", help="print plan.json fields plus `clients`"),
+         out: Optional[Path] = typer.Option(None, "-o", "--out", help="where pilot runs go (planner.pilot)"),
+         overrides: Optional[list[str]] = OverridesArg):
+    """Plan q_i and ranks k_i for every client (Algorithm 2) and print them."""
+    cfg = load_config(config, overrides or [])
+    cfg.method = "proposed"
+    from .pilot import check_planner_inputs
+
+    check_planner_inputs(cfg)
+    _quiet_libraries()
+    from .methods.proposed import Proposed
+    from .pilot import resolve_constants
+    from .simulate import build_setup, clients_json
+
+    setup = build_setup(cfg)
+    ctx = setup.method_context()
+    ctx.constants = resolve_constants(cfg, out or Path("runs") / f"{config.stem}-plan", setup=setup,
+                                      progress=not as_json)
+    method = Proposed(ctx)
+    result = method.plan()
+    clients = clients_json(setup)
+    if as_json:
+        typer.echo(json.dumps({**result, "clients": clients}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"plan for {config} ({len(clients)} clients, B = {cfg.system.bandwidth_hz:g} Hz)")
+    for col in ("client", "data share", "compute s", "link b/s/Hz", "q", "rank", "s"):
+        table.add_column(col, justify="right")
+    for c, q, k, s in zip(clients, result["participation_prob"], result["ranks"], result["sketch_ratio"]):
+        table.add_row(str(c["id"]), f"{c['data_share']:.3f}", f"{c['compute_time_s']:.2f}",
+                      f"{c['bits_per_s_per_hz']:.2f}", f"{q:.3f}", str(k), f"{s:.3f}")
+    console = Console()
+    console.print(table)
+    console.print(f"expected participants {result['expected_participants']:.2f}  "
+                  f"expected round time (Theorem-2 bound) {result['expected_round_time_s']:.3f} s  "
+                  f"objective {result['objective']:.4g}  constants {result['constants']}")
+
+
+@app.command()
+@user_errors
+def pilot(config: Path = typer.Argument(..., help="YAML run config with planner.pilot settings"),
+          out: Optional[Path] = typer.Option(None, "-o", "--out", help="pilot folder (default runs/<config>-pilot)"),
+          quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+          overrides: Optional[list[str]] = OverridesArg):
+    """Estimate the bound constants (alpha, beta, gamma, delta) from short pilot runs."""
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    from .pilot import run_pilots
+
+    report = run_pilots(cfg, out or Path("runs") / f"{config.stem}-pilot", progress=not quiet)
+    typer.echo(json.dumps(report, indent=1))
+
+
+@app.command()
 def methods():
     """List the federated LoRA methods."""
     from .methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
         typer.echo(f"{name:16s} {cls.summary}")
+
+
+@app.command()
+@user_errors
+def compare(config: Path = typer.Argument(..., help="YAML run config shared by every method"),
+            out: Optional[Path] = typer.Option(None, "-o", "--out",
+                                               help="comparison folder (default runs/<config name>-compare)"),
+            methods: Optional[str] = typer.Option(None, "--methods", help="a,b,c (default: all registered)"),
+            seeds: Optional[str] = typer.Option(None, "--seeds", help="0,1,2: every method once per seed"),
+            target: Optional[str] = typer.Option(None, "--target", help="report target: 0.6 or TASK=ACC,TASK=ACC"),
+            baseline: Optional[str] = typer.Option(None, "--baseline", help="report speedups against this method"),
+            quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+            overrides: Optional[list[str]] = OverridesArg):
+    """Run several methods on the same clients (one subfolder each, resumable) and write the report."""
+    from .compare import compare as run_compare, parse_names, parse_seeds
+    from .report import parse_target
+
+    cfg = load_config(config, overrides or [])
+    names, seed_list = parse_names(methods), parse_seeds(seeds)
+    tgt = parse_target(target) if target is not None else None
+    _quiet_libraries()
+    out = out or Path("runs") / f"{config.stem}-compare"
+    log = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    run_compare(cfg, out, names, seed_list, progress=not quiet, log=log, target=tgt, baseline=baseline)
+    typer.echo((out / "summary.md").read_text())
+
+
+@app.command()
+@user_errors
+def report(outs: list[Path] = typer.Argument(..., help="run folders, or folders holding run folders"),
+           target: Optional[str] = typer.Option(None, "--target", help="0.6 (mean and each task) or TASK=ACC,TASK=ACC"),
+           out: Optional[Path] = typer.Option(None, "-o", "--out", help="where to write (default: the first OUT)"),
+           baseline: Optional[str] = typer.Option(None, "--baseline", help="speedups against this method")):
+    """Summarize run folders: summary.json, summary.md, accuracy_vs_time.png, bytes_vs_accuracy.png."""
+    from .report import report as build_report
+
+    summary = build_report(outs, out=out, target=target, baseline=baseline)
+    typer.echo(summary["markdown"])
+    typer.echo(f"wrote {', '.join(summary['files'])}", err=True)
 
 
 def main() -> None:

@@ -28,10 +28,10 @@ dropout is off by default (when on, it draws from a generator seeded per call).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
+import warnings
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +147,7 @@ class Engine:
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         if int(rank) < 1:
             raise ModelError(f"lora.rank must be >= 1, got {rank}")
@@ -171,12 +172,19 @@ class Engine:
         self._lora_config = lambda r, alpha=spec.lora_alpha: LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=spec.lora_dropout,
             target_modules=list(self.targets), bias="none")
-        with torch.random.fork_rng(devices=[]):  # PEFT's init must not move the caller's RNG
-            torch.manual_seed(self.seed)
-            auto = AutoModelForCausalLM if self.kind == "causal" else AutoModel
-            base = auto.from_pretrained(self.path, dtype=_DTYPES[spec.dtype])
-            base.requires_grad_(False)
-            self.peft = get_peft_model(base, self._lora_config(self.rank), adapter_name=f"k{self.rank}")
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # don't move the caller's RNG
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                torch.manual_seed(self.seed)
+                auto = AutoModelForCausalLM if self.kind == "causal" else AutoModel
+                base = auto.from_pretrained(self.path, dtype=_DTYPES[spec.dtype])
+                base.requires_grad_(False)
+                self.peft = get_peft_model(base, self._lora_config(self.rank), adapter_name=f"k{self.rank}")
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.net = self.peft.get_base_model()  # the original model, LoRA layers injected in place
         self.net.to(self.device).eval()
         self._adapters: OrderedDict[int, str] = OrderedDict({self.rank: f"k{self.rank}"})
@@ -461,7 +469,7 @@ class Engine:
         # positions t predicting token t+1, for the continuation tokens only (no [N, L, V] logits)
         rows = torch.tensor([i for i, s in enumerate(seqs) for _ in range(starts[i], len(s))], device=self.device)
         pos = torch.tensor([t for i, s in enumerate(seqs) for t in range(starts[i], len(s))], device=self.device)
-        hidden = self.net.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = self.net.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         logits = self.net.get_output_embeddings()(hidden[rows, pos - 1]).float()
         tok_lp = logits.log_softmax(dim=-1).gather(1, ids[rows, pos].unsqueeze(1)).squeeze(1)
         n = len(seqs)

@@ -12,6 +12,7 @@ exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -76,7 +77,15 @@ class Setup:
             cfg=self.cfg, data_share=self.data_share,
             compute_time_s=np.array([p.compute_time_s for p in self.profiles]),
             upload_s_hz=self.upload_bits_full / eff,
-            module_shapes=dict(self.engine.module_shapes), engine=self.engine)
+            module_shapes=dict(self.engine.module_shapes), engine=self.engine,
+            constants=constants_from_config(self.cfg))
+
+
+def constants_from_config(cfg: RunConfig):
+    from .planner import BoundConstants
+
+    c = cfg.planner.constants
+    return None if c is None else BoundConstants(alpha=c.alpha, beta=c.beta, gamma=c.gamma, delta=c.delta)
 
 
 def model_spec(cfg: RunConfig) -> ModelSpec:
@@ -114,7 +123,7 @@ def load_profiles_file(path: str, num_clients: int) -> list[ClientProfile]:
     return out
 
 
-def make_profiles(cfg: RunConfig, engine: Engine) -> list[ClientProfile]:
+def make_profiles(cfg: RunConfig, engine: Engine, sample: list[Question]) -> list[ClientProfile]:
     pc, n = cfg.system.profiles, cfg.data.num_clients
     seed = derived_seed(cfg.seed, STREAM_PROFILES)
     if pc.source == "file":
@@ -123,7 +132,7 @@ def make_profiles(cfg: RunConfig, engine: Engine) -> list[ClientProfile]:
         return generate_profiles(n, seed=seed, compute_time_s=pc.compute_time_s, compute_spread=pc.compute_spread,
                                  bits_per_s_per_hz=pc.bits_per_s_per_hz, link_spread=pc.link_spread,
                                  distribution=pc.distribution)
-    flops_per_round = engine.flops_per_step(cfg.train.batch_size) * cfg.train.local_steps
+    flops_per_round = engine.flops_per_step(cfg.train.batch_size, sample) * cfg.train.local_steps
     # SNR is taken at the bandwidth a client would get if the expected participants split B.
     return channel_profiles(n, seed=seed, flops_per_round=flops_per_round,
                             device_flops_median=pc.device_flops_median, device_flops_spread=pc.device_flops_spread,
@@ -169,7 +178,7 @@ def build_setup(cfg: RunConfig) -> Setup:
         engine = Engine(model_spec(cfg), rank=cfg.lora.rank, seed=cfg.seed)
     except ModelError as e:
         raise InputError(f"model.name_or_path: {e}") from None
-    profiles = make_profiles(cfg, engine)
+    profiles = make_profiles(cfg, engine, train[:256])
     return Setup(cfg=cfg, train=train, client_indices=clients, eval_questions=eval_qs, final_questions=final_qs,
                  profiles=profiles, engine=engine, data_report=report)
 
@@ -303,20 +312,33 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-        setup: Setup | None = None, log=print) -> dict:
-    """Run one method on a config into the run folder `out`; returns the result dict."""
+        setup: Setup | None = None, stop_when=None) -> dict:
+    """Run one method on a config into the run folder `out`; returns the result dict.
+
+    `stop_when(rows)` (optional) ends the run after a round when it returns True (pilots)."""
     method_cls = get_method(cfg.method)
     out = Path(out)
     if resume and (out / "config.yaml").exists():
         saved = (out / "config.yaml").read_text()
         if saved != dump_config(cfg):
             raise InputError(f"{out}/config.yaml: differs from the given config; resume needs the same config")
-    setup = setup or build_setup(cfg)  # validates data, model and profiles before touching `out`
-    ctx = setup.method_context()
-    method = method_cls(ctx)
+    if method_cls.needs_constants:
+        from .pilot import check_planner_inputs
+
+        check_planner_inputs(cfg)
+    if setup is None:
+        setup = build_setup(cfg)  # validates data, model and profiles before touching `out`
+    elif setup.cfg is not cfg:  # a shared setup (compare, pilots): same data and model, this run's knobs
+        setup = dataclasses.replace(setup, cfg=cfg)
     prepare_out(out, resume=resume, overwrite=overwrite)
     if (out / "result.json").exists() and resume:
         return json.loads((out / "result.json").read_text())
+    ctx = setup.method_context()
+    if method_cls.needs_constants:
+        from .pilot import resolve_constants
+
+        ctx.constants = resolve_constants(cfg, out, setup=setup, progress=progress)
+    method = method_cls(ctx)
 
     ckpt = load_checkpoint(out) if resume else None
     metrics_path = out / "metrics.jsonl"
@@ -327,6 +349,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
         plan = method.plan()
         if plan is not None:
             write_atomic(out / "plan.json", json.dumps(plan, indent=1))
+        setup.engine.load_base_delta({})  # a shared engine may carry another run's merges
         state = setup.engine.init_state(derived_seed(cfg.seed, STREAM_INIT))
         acc, mean = evaluate(setup, state, setup.eval_questions)
         row0 = {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "participants": [], "upload_bytes": 0,
@@ -340,8 +363,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     else:
         state, method_state, base_delta, prog = ckpt
         method.load_state_dict(method_state)
-        if base_delta:
-            setup.engine.load_base_delta(base_delta)
+        setup.engine.load_base_delta(base_delta)  # also clears merges a shared engine may carry
         # drop metric rows written after the checkpoint (a crash between row and checkpoint)
         rows = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
         rows = [ln for ln in rows if json.loads(ln)["round"] < prog["next_round"]]
@@ -352,6 +374,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     rounds = cfg.train.rounds
     bar = _progress(rounds, prog["next_round"] - 1, enabled=progress)
     last = {}
+    history = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()] if stop_when else []
     with open(metrics_path, "a") as metrics:
         t = prog["next_round"]
         while prog["stop_reason"] is None and t <= rounds:
@@ -392,6 +415,8 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
             if cfg.train.max_sim_time_s is not None and prog["sim_time_s"] >= cfg.train.max_sim_time_s \
                     and prog["stop_reason"] is None:
                 prog["stop_reason"] = "max_sim_time"
+            if stop_when is not None and prog["stop_reason"] is None and stop_when(history + [row]):
+                prog["stop_reason"] = "stop_when"
             if t == rounds and prog["stop_reason"] is None:
                 prog["stop_reason"] = "max_rounds"
             row["cpu_time_s"] = time.perf_counter() - cpu0
@@ -401,6 +426,8 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
             prog["next_round"] = t + 1
             save_checkpoint(out, state, method, setup.engine, prog)
             last = row
+            if stop_when is not None:
+                history.append(row)
             bar.update(1)
             bar.set_postfix(sim=f"{prog['sim_time_s']:.0f}s", loss=_fmt(row["train_loss"]),
                             acc=_fmt(row.get("eval_mean", last.get("eval_mean"))))
@@ -408,15 +435,15 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     bar.close()
     if prog["stop_reason"] is None:
         prog["stop_reason"] = "max_rounds"
-    return finish(setup, out, state, prog)
+    return finish(setup, method, out, state, prog)
 
 
-def finish(setup: Setup, out: Path, state, prog: dict) -> dict:
+def finish(setup: Setup, method: Method, out: Path, state, prog: dict) -> dict:
     cfg = setup.cfg
     acc, mean = evaluate(setup, state, setup.final_questions)
     adapter_tmp = out / "adapter.tmp"
     shutil.rmtree(adapter_tmp, ignore_errors=True)
-    setup.engine.save_peft_adapter(state, cfg.lora.alpha, adapter_tmp)
+    setup.engine.save_peft_adapter(method.export_state(state), cfg.lora.alpha, adapter_tmp)
     shutil.rmtree(out / "adapter", ignore_errors=True)
     os.replace(adapter_tmp, out / "adapter")
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]

@@ -33,6 +33,7 @@ class MethodContext:
     upload_s_hz: np.ndarray  # full-rank upload time at 1 Hz (t_cm_i(1)), per client
     module_shapes: dict[str, tuple[int, int]]  # (in_features, out_features)
     engine: object | None = None  # the model engine, for methods that merge into the base
+    constants: object | None = None  # planner.BoundConstants, for methods that plan (needs_constants)
 
     @property
     def num_clients(self) -> int:
@@ -73,6 +74,7 @@ class RoundConfig:
 class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
+    needs_constants: ClassVar[bool] = False  # True: the loop resolves planner constants first (pilot)
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
@@ -97,6 +99,10 @@ class Method(ABC):
     @abstractmethod
     def aggregate(self, round_idx: int, state: AdapterState, jobs: dict[int, ClientJob],
                   payloads: dict[int, Payload]) -> AdapterState: ...
+
+    def export_state(self, state: AdapterState) -> AdapterState:
+        """The adapter written to adapter/ (merged base deltas are folded in by the engine)."""
+        return state
 
     def server_time_s(self) -> float:
         """Server compute charged on the clock this round (e.g. FlexLoRA's SVDs)."""

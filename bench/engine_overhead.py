@@ -1,0 +1,145 @@
+"""Local step time: Engine.train_local vs a plain PEFT training loop (target ratio <= 1.10).
+
+Both train the same rank-r LoRA (query/value) of the embedded all-MiniLM-L6-v2 on the same
+ARC-Easy batches with a fresh AdamW each call, with the same bi-encoder scorer (mean pool,
+L2 normalize, 20 * cosine, cross-entropy over the options). The plain loop is written out
+below on a `get_peft_model` of a second copy of the base: its batches are tokenized,
+length-grouped (the same rule as the engine's CPU path) and padded *before* timing, so it
+is the pure compute lower bound and the ratio is everything the engine adds (tokenization
+cache, padding, adapter switch and copy in/out, finite checks, optimizer creation).
+Measured interleaved (engine, plain, engine, plain, ...); medians of per-step times.
+
+    python bench/engine_overhead.py [--rank 8] [--batch-size 8] [--steps 10] [--reps 7] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fedlora.data import load_tasks
+from fedlora.model import EMBEDDED_MODEL, TEMPERATURE_SCALE, Engine, ModelSpec
+
+
+def groups(lengths: list[int]) -> list[list[int]]:
+    """Sort by length, cut where the length grows by > 25% (groups of >= 8)."""
+    if len(lengths) <= 8:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = [[]]
+    for i in order:
+        if len(out[-1]) >= 8 and lengths[i] > 1.25 * lengths[out[-1][0]]:
+            out.append([])
+        out[-1].append(i)
+    return out
+
+
+def prepare(tokenizer, texts: list[str], max_length: int):
+    """Pre-padded (ids, mask, original positions) per length group."""
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    parts = []
+    for g in groups([len(x) for x in ids]):
+        enc = tokenizer.pad({"input_ids": [ids[i] for i in g]}, return_tensors="pt")
+        parts.append((enc["input_ids"], enc["attention_mask"], g))
+    return parts
+
+
+def embed(model, parts, n: int) -> torch.Tensor:
+    out = [None] * n
+    for ids, mask, g in parts:
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        for row, i in enumerate(g):
+            out[i] = e[row]
+    return F.normalize(torch.stack(out), dim=-1)
+
+
+def plain_batches(tokenizer, batches, max_length):
+    prepared = []
+    for batch in batches:
+        options = [o for q in batch for o in q.options]
+        owner = torch.tensor([i for i, q in enumerate(batch) for _ in q.options])
+        slot = torch.tensor([j for q in batch for j in range(len(q.options))])
+        prepared.append((prepare(tokenizer, [q.text for q in batch], max_length), len(batch),
+                         prepare(tokenizer, options, max_length), len(options), owner, slot,
+                         max(len(q.options) for q in batch), torch.tensor([q.label for q in batch])))
+    return prepared
+
+
+def plain_train(peft_model, lora_params, start, prepared, lr):
+    with torch.no_grad():
+        for (pa, pb), (a, b) in zip(lora_params, start.values()):
+            pa.copy_(a)
+            pb.copy_(b)
+    opt = torch.optim.AdamW([p for pair in lora_params for p in pair], lr=lr)
+    for q_parts, nq, o_parts, no, owner, slot, width, labels in prepared:
+        q = embed(peft_model, q_parts, nq)
+        o = embed(peft_model, o_parts, no)
+        vals = TEMPERATURE_SCALE * (q[owner] * o).sum(-1)
+        scores = torch.full((nq, width), float("-inf")).index_put((owner, slot), vals)
+        loss = F.cross_entropy(scores, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = stable timings on a busy machine)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    train = list(load_tasks(None, ["ARC-Easy"])["ARC-Easy"].train)
+    random.Random(0).shuffle(train)
+    bs, steps, r = args.batch_size, args.steps, args.rank
+    batches = [train[i * bs:(i + 1) * bs] for i in range(steps)]
+    spec = ModelSpec(EMBEDDED_MODEL, max_length=64)
+    engine = Engine(spec, rank=r, seed=0)
+    start = engine.init_state(0)
+    scaling = spec.lora_alpha / r
+
+    base = AutoModel.from_pretrained(engine.path).eval().requires_grad_(False)
+    plain = get_peft_model(base, LoraConfig(r=r, lora_alpha=spec.lora_alpha, target_modules=["query", "value"]))
+    plain.eval()  # no dropout anywhere, as in the engine
+    layers = {n: m for n, m in sorted(plain.get_base_model().named_modules()) if hasattr(m, "lora_A")}
+    assert list(layers) == list(start)
+    lora_params = [(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in layers.values()]
+    prepared = plain_batches(engine.tokenizer, batches, spec.max_length)
+
+    engine.train_local(start, scaling=scaling, batches=batches[:2], lr=args.lr, optimizer="adamw")  # warm caches
+    plain_train(plain, lora_params, start, prepared[:2], args.lr)
+    t_engine, t_plain, c_engine, c_plain = [], [], [], []
+    for _ in range(args.reps):
+        w, c = time.perf_counter(), time.process_time()
+        engine.train_local(start, scaling=scaling, batches=batches, lr=args.lr, optimizer="adamw")
+        t_engine.append((time.perf_counter() - w) / steps)
+        c_engine.append((time.process_time() - c) / steps)
+        w, c = time.perf_counter(), time.process_time()
+        plain_train(plain, lora_params, start, prepared, args.lr)
+        t_plain.append((time.perf_counter() - w) / steps)
+        c_plain.append((time.process_time() - c) / steps)
+
+    me, mp = statistics.median(t_engine), statistics.median(t_plain)
+    ce, cp = statistics.median(c_engine), statistics.median(c_plain)
+    print(f"model {EMBEDDED_MODEL}, rank {r}, batch {bs}, {steps} steps x {args.reps} reps, {args.threads} thread(s)")
+    print(f"engine.train_local : {me * 1e3:8.1f} ms/step wall  {ce * 1e3:8.1f} ms/step cpu")
+    print(f"plain PEFT loop    : {mp * 1e3:8.1f} ms/step wall  {cp * 1e3:8.1f} ms/step cpu")
+    print(f"ratio engine/plain : {me / mp:.3f} wall  {ce / cp:.3f} cpu   (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Run several methods on the same clients and write the comparison report.
+
+`compare(cfg, out, methods, seeds)` runs every method (and seed) into its own run folder:
+OUT/<method> without seeds, OUT/<method>/seed<k> with them. The expensive setup (data
+partition, client profiles, model) is built once per seed and shared by every method, so
+the methods see the same clients. A folder with result.json is skipped, one with a
+checkpoint is resumed; then `report.report([OUT])` writes summary.json, summary.md and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .config import InputError, RunConfig, dump_config
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "clients.json", "data.json", "plan.json")
+
+
+def parse_names(text: str | None) -> list[str] | None:
+    """'a,b , c' -> ['a', 'b', 'c']; None or '' or 'all' -> None (every registered method)."""
+    if text is None or text.strip() in ("", "all"):
+        return None
+    names = [t.strip() for t in text.split(",")]
+    if any(not t for t in names):
+        raise InputError(f"--methods '{text}': empty name (expected a,b,c)")
+    return names
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """'0,1,2' -> [0, 1, 2]; None -> None (the config's seed, no seed subfolders)."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        try:
+            seed = int(part.strip())
+        except ValueError:
+            raise InputError(f"--seeds '{text}': '{part.strip()}' is not an integer (expected e.g. 0,1,2)") from None
+        if seed < 0:
+            raise InputError(f"--seeds '{text}': seed {seed} must be >= 0")
+        if seed not in out:
+            out.append(seed)
+    return out
+
+
+def resolve_methods(methods: Iterable[str] | None) -> list[str]:
+    """Validated, de-duplicated method names in the given order; None: all registered, sorted."""
+    from .methods import METHODS
+
+    if methods is None:
+        return sorted(METHODS)
+    names: list[str] = []
+    for m in methods:
+        if m not in METHODS:
+            raise InputError(f"--methods: unknown method '{m}' (known: {', '.join(sorted(METHODS))})")
+        if m not in names:
+            names.append(m)
+    if not names:
+        raise InputError("--methods: no method given")
+    return names
+
+
+@dataclasses.dataclass
+class Job:
+    method: str
+    seed: int
+    cfg: RunConfig
+    folder: Path
+    state: str  # "finished" (skip), "resume", "restart" (partial folder, no checkpoint), "new"
+
+
+def _folder_state(folder: Path, cfg: RunConfig) -> str:
+    if not folder.exists():
+        return "new"
+    if not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder")
+    entries = {p.name for p in folder.iterdir()}
+    if not entries:
+        return "new"
+    saved = folder / "config.yaml"
+    has_ckpt = any((folder / d / "progress.json").exists() for d in ("checkpoint", "checkpoint.old"))
+    if "result.json" in entries or has_ckpt:
+        if not saved.exists():
+            raise InputError(f"{folder}: run folder without config.yaml; move it away or use another -o")
+        if saved.read_text() != dump_config(cfg):
+            raise InputError(f"{saved}: differs from the config being compared ({_first_difference(saved, cfg)}); "
+                             "use another -o folder or remove this one")
+        return "finished" if "result.json" in entries else "resume"
+    if entries & set(RUN_FILES) and entries <= set(RUN_FILES) | {"checkpoint.tmp", "adapter.tmp"} | {
+            f + ".tmp" for f in RUN_FILES}:
+        return "restart"  # started but stopped before its first checkpoint
+    raise InputError(f"{folder}: exists and is not a run folder of this comparison; use another -o")
+
+
+def _first_difference(saved: Path, cfg: RunConfig) -> str:
+    import yaml
+
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        return "unreadable"
+    new = cfg.model_dump(mode="json")
+
+    def walk(a, b, prefix=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in list(b) + [k for k in a if k not in b]:
+                d = walk(a.get(k), b.get(k), f"{prefix}{k}.")
+                if d:
+                    return d
+            return None
+        return None if a == b else f"{prefix[:-1]}: {a!r} there, {b!r} now"
+
+    return walk(old, new) or "formatting"
+
+
+def plan_jobs(cfg: RunConfig, out: Path, methods: Sequence[str], seeds: Sequence[int] | None) -> list[Job]:
+    """The run folders of a comparison and what to do with each; raises InputError before any work."""
+    jobs = []
+    for seed in (seeds if seeds is not None else [cfg.seed]):
+        for m in methods:
+            c = cfg.model_copy(deep=True)
+            c.method = m
+            c.seed = seed
+            folder = out / m if seeds is None else out / m / f"seed{seed}"
+            if seeds is not None and (out / m / "metrics.jsonl").exists():
+                raise InputError(f"{out / m}: holds a single run (made without --seeds); use another -o")
+            jobs.append(Job(m, seed, c, folder, _folder_state(folder, c)))
+    return jobs
+
+
+def compare(cfg: RunConfig, out: str | Path, methods: Iterable[str] | None = None, seeds: Sequence[int] | None = None,
+            *, progress: bool = True, log: Callable[[str], None] | None = None, target=None,
+            baseline: str | None = None, write_report: bool = True) -> list[Path]:
+    """Run `methods` (default: all registered) on the same clients into OUT; returns the run folders.
+
+    With `seeds`, every method runs once per seed into OUT/<method>/seed<k>; the setup is built
+    once per seed. Finished folders are skipped, interrupted ones resumed. Then the report
+    (summary.json, summary.md, plots) is written into OUT, unless write_report is False.
+    """
+    from . import simulate
+    from .report import report
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    names = resolve_methods(methods)
+    if seeds is not None:
+        seeds = list(dict.fromkeys(int(s) for s in seeds))
+        if not seeds:
+            raise InputError("--seeds: no seed given")
+    if log is None:
+        def log(msg: str) -> None:
+            if progress:
+                print(msg, file=sys.stderr, flush=True)
+
+    jobs = plan_jobs(cfg, out, names, seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    total = len(jobs)
+    setup = None
+    setup_seed = None
+    for k, job in enumerate(jobs, 1):
+        tag = f"[{k}/{total}] {job.method}" + (f" seed {job.seed}" if seeds is not None else "")
+        if job.state == "finished":
+            log(f"{tag}: skipped, finished ({job.folder})")
+            continue
+        if setup_seed != job.seed:
+            setup = None  # free the previous seed's model before building the next
+            setup = simulate.build_setup(job.cfg)
+            setup_seed = job.seed
+        verb = {"resume": "resuming", "restart": "restarting", "new": "running"}[job.state]
+        log(f"{tag}: {verb} -> {job.folder}")
+        shared = dataclasses.replace(setup, cfg=job.cfg)
+        if hasattr(setup.engine, "load_base_delta"):
+            setup.engine.load_base_delta({})  # the checkpoint (if any) reloads this run's own merges
+        simulate.run(job.cfg, job.folder, resume=job.state == "resume", overwrite=job.state == "restart",
+                     progress=progress, setup=shared)
+    if write_report:
+        report([out], target=target, baseline=baseline)
+    return [j.folder for j in jobs]
+
+
+__all__ = ["compare", "plan_jobs", "parse_names", "parse_seeds", "resolve_methods", "Job"]

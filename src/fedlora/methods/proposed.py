@@ -1,0 +1,49 @@
+"""Seed 001's full method (Hou et al., arXiv 2505.23555): Algorithm 1 with q and s planned.
+
+The planner (Algorithm 2, `fedlora.planner`) picks every client's participation
+probability q_i and integer rank k_i by minimizing the convergence-time bound P2:
+rounds factor R(q, s) (Theorem 1, constants from the config or from pilot runs) times the
+Theorem-2 bound on the expected round time under equal-finish bandwidth allocation. The
+rounds then run exactly as Algorithm 1 (`manual`): independent sampling, random sketches,
+unbiased (p_i / q_i) aggregation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..planner import PlanProblem, plan
+from ..system import ComputeModel
+from .manual import IndependentSketch
+
+
+def plan_problem(ctx) -> PlanProblem:
+    cfg = ctx.cfg
+    cm = cfg.system.compute_model
+    return PlanProblem(data_share=ctx.data_share, compute_time_s=ctx.compute_time_s, upload_s_hz=ctx.upload_s_hz,
+                       bandwidth_hz=cfg.system.bandwidth_hz, rank=cfg.lora.rank,
+                       compute_model=ComputeModel(cm.kind, cm.fixed_fraction), constants=ctx.constants)
+
+
+class Proposed(IndependentSketch):
+    name = "proposed"
+    summary = "seed 001: planner picks q_i and ranks k_i (Algorithm 2) minimizing the convergence-time bound"
+    needs_constants = True
+
+    def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
+        from ..config import InputError
+        from ..planner import InfeasiblePlan
+
+        try:
+            self.planned = plan(plan_problem(self.ctx))
+        except InfeasiblePlan as e:
+            raise InputError(f"planner.constants: {e}") from None
+        return self.planned.participation_prob, self.planned.sketch_ratio
+
+    def plan(self) -> dict:
+        out = super().plan()
+        out["constants"] = self.ctx.constants.to_dict()
+        out["objective"] = float(self.planned.objective)
+        out["rounds_factor"] = float(self.planned.rounds_factor)
+        out["planner_iterations"] = int(self.planned.iterations)
+        return out

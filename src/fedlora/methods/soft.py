@@ -1,0 +1,176 @@
+"""SOFT, sparsified orthogonal fine-tuning (seed 002, Kim & Choi, arXiv 2505.00333) --
+RECONSTRUCTED from the paper's abstract (no full text, no code); docs/theory.md, section
+"Seed 002: SOFT and TSFA (reconstructed)", lists what is ours.
+
+Each round every client joins with its own probability q_i (independent coins, the same
+streams as `manual`), trains the full rank-r adapter (s = 1) with the orthogonality penalty
+lambda * (||A A^T - I||^2 + ||offdiag(B^T B)||^2) added to its loss (the B term is
+off-diagonal by default, see fedlora.soft), then uploads, per LoRA module, only the
+k = ceil(rho r) rank components whose change of B A is largest: the rows dA[j, :] and
+columns dB[:, j] of its factor change together, plus the k int32 indices (omitted when
+k = r). The server adds sum_i (p_i / q_i) * components_i into the global factors.
+
+With rho = 1 and lambda = 0 this is exactly `manual` with sketch.ratio = 1 (plain
+federated LoRA with unbiased independent sampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from ..aggregation import sample_participants
+from ..sketch import payload_values as rank_payload_values
+from ..sketch import rank_count
+from ..soft import SparseComponents, aggregate_components, component_change_norms, energy_profile, state_penalty, \
+    top_components
+from .base import AdapterState, ClientJob, Method, MethodContext, Payload, RoundConfig, compute_model_json, \
+    per_client_values, state_values
+from .manual import STREAM_Q, STREAM_SAMPLE
+
+INDEX_BYTES = 4  # rank indices go on the wire as int32
+
+
+@dataclass
+class SoftJob(ClientJob):
+    keep: int = 0  # rank components uploaded per module (k); k = r sends everything, no indices
+
+
+def encode_indices(idx: np.ndarray, bytes_per_value: int) -> torch.Tensor:
+    """int32 indices as a tensor whose element count times bytes_per_value is their true size
+    (4 bytes each): int32 for 4-byte values, the same bytes viewed as int16 for 2-byte values."""
+    t = torch.as_tensor(np.asarray(idx, dtype=np.int32))
+    return t if bytes_per_value == 4 else t.view(torch.int16)
+
+
+def decode_indices(t: torch.Tensor) -> np.ndarray:
+    t = t.contiguous()
+    if t.dtype == torch.int16:
+        t = t.view(torch.int32)
+    return t.numpy().astype(np.int64)
+
+
+class Soft(Method):
+    name = "soft"
+    summary = ("seed 002 SOFT, RECONSTRUCTED from the abstract of Kim & Choi (arXiv 2505.00333): orthogonality "
+               "penalty (options.soft_lambda) + upload of the top-rho rank components (options.soft_rho)")
+    uploads_energy_profile = False  # TSFA's clients also report r energy values (counted as upload)
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        opt = ctx.cfg.options
+        self.participation_prob = np.asarray(
+            per_client_values(ctx.cfg.sampling.participation_prob, ctx, purpose=STREAM_Q), dtype=float)
+        self.lam = float(opt.soft_lambda)
+        self.rho = float(opt.soft_rho)
+        self.a_mode = getattr(opt, "soft_a_penalty", "full")
+        self.b_mode = getattr(opt, "soft_b_penalty", "offdiag")
+        self.bytes_per_value = int(ctx.cfg.system.bytes_per_value)
+
+    # ------------------------------------------------------------ sizes
+
+    def upload_values(self, k: int) -> int:
+        """Tensor elements one client uploads when it keeps k components per module, each
+        counted at bytes_per_value (exactly what the loop counts from the payload)."""
+        r = self.ctx.rank
+        values = rank_payload_values(self.ctx.module_shapes, k)
+        if k < r:
+            values += len(self.ctx.module_shapes) * k * INDEX_BYTES // self.bytes_per_value
+        if self.uploads_energy_profile:
+            values += r
+        return int(values)
+
+    def upload_bits(self, k: int) -> float:
+        return float(self.upload_values(k) * self.bytes_per_value * 8)
+
+    def upload_bits_full(self) -> float:
+        """Bits of a full rank-r factor update (what ctx.upload_s_hz is measured against)."""
+        return float(rank_payload_values(self.ctx.module_shapes, self.ctx.rank) * self.bytes_per_value * 8)
+
+    def plan(self) -> dict:
+        from ..system import ComputeModel, round_time_bound_s
+
+        cfg, ctx = self.ctx.cfg, self.ctx
+        n, r = ctx.num_clients, ctx.rank
+        k = rank_count(self.rho, r)
+        cm = ComputeModel(cfg.system.compute_model.kind, cfg.system.compute_model.fixed_fraction)
+        upload = ctx.upload_s_hz * self.upload_bits(k) / self.upload_bits_full()
+        bound = round_time_bound_s(cm.time_s(ctx.compute_time_s, np.ones(n)), upload, self.participation_prob,
+                                   cfg.system.bandwidth_hz)
+        return {
+            "reconstruction": "seed 002 SOFT/TSFA rebuilt from the abstract only; see docs/theory.md",
+            "participation_prob": self.participation_prob.tolist(),
+            "sketch_ratio": [1.0] * n,
+            "ranks": [r] * n,
+            "soft_lambda": self.lam,
+            "soft_rho": self.rho,
+            "keep_ranks": k,
+            "penalty_modes": {"A": self.a_mode, "B": self.b_mode},
+            "bandwidth_hz": cfg.system.bandwidth_hz,
+            "compute_model": compute_model_json(cfg),
+            "expected_round_time_s": float(bound),
+            "expected_participants": float(self.participation_prob.sum()),
+        }
+
+    # ------------------------------------------------------------ round
+
+    def round_keep(self, round_idx: int, sampled: np.ndarray) -> tuple[int, dict]:
+        """Components kept per module this round, and extra metrics (TSFA decides here)."""
+        return rank_count(self.rho, self.ctx.rank), {}
+
+    def regularizer(self):
+        if self.lam == 0 or (self.a_mode == "none" and self.b_mode == "none"):
+            return None
+        return partial(state_penalty, lam=self.lam, a_mode=self.a_mode, b_mode=self.b_mode)
+
+    def configure_round(self, round_idx: int, state: AdapterState) -> RoundConfig:
+        sampled = sample_participants(self.ctx.rng(STREAM_SAMPLE, round_idx), self.participation_prob)
+        k, info = self.round_keep(round_idx, sampled)
+        reg = self.regularizer()
+        jobs = [SoftJob(client_id=int(i), start={n: (a.clone(), b.clone()) for n, (a, b) in state.items()},
+                        scaling=self.ctx.base_scaling, compute_ratio=1.0, regularizer=reg, keep=int(k))
+                for i in sampled]
+        return RoundConfig(jobs=jobs, broadcast_values=state_values(state), info=info)
+
+    def client_payload(self, job: ClientJob, trained: AdapterState) -> Payload:
+        r = self.ctx.rank
+        k = getattr(job, "keep", r) or r
+        need_scores = k < r or self.uploads_energy_profile
+        out: Payload = {}
+        profile = np.zeros(r)
+        for name, (a, b) in trained.items():
+            a0, b0 = job.start[name]
+            da, db = a - a0, b - b0
+            if need_scores:
+                scores = component_change_norms(a0, b0, a, b)
+                profile += energy_profile(scores)
+            if k >= r:
+                out[f"{name}.A"], out[f"{name}.B"] = da, db
+                continue
+            idx = top_components(scores, k)
+            t = torch.as_tensor(idx, dtype=torch.long)
+            out[f"{name}.A"] = da.index_select(0, t).contiguous()
+            out[f"{name}.B"] = db.index_select(1, t).contiguous()
+            out[f"{name}.idx"] = encode_indices(idx, self.bytes_per_value)
+        if self.uploads_energy_profile:
+            out["tsfa.energy_profile"] = torch.as_tensor(profile, dtype=torch.float32)
+        return out
+
+    def decode(self, client_id: int, payload: Payload, state: AdapterState, weight: float) -> SparseComponents:
+        r = self.ctx.rank
+        modules = {}
+        for name in state:
+            key = f"{name}.idx"
+            idx = decode_indices(payload[key]) if key in payload else np.arange(r, dtype=np.int64)
+            modules[name] = (idx, payload[f"{name}.A"], payload[f"{name}.B"])
+        return SparseComponents(client_id=client_id, weight=weight, modules=modules)
+
+    def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
+        if not payloads:  # empty round: x unchanged (and no server-optimizer step)
+            return state
+        p, q = self.ctx.data_share, self.participation_prob
+        updates = [self.decode(i, payloads[i], state, float(p[i] / q[i])) for i in sorted(payloads)]
+        return self.server_opt.apply(state, aggregate_components(state, updates))

@@ -1,0 +1,100 @@
+"""Pilot runs that estimate the bound constants (alpha, beta, gamma, delta) (method.md section 6).
+
+Each pilot is a real, short run of Algorithm 1 (method `manual`) with one uniform (q, s) for
+every client, stopped at a pilot loss or accuracy; the rounds it took, with X = sum p^2/q
+and Y = sum p^2/(q s), give one row of the seed's 4x4 system, solved by SVD in
+`planner.estimate_constants`. Pilot folders are ordinary run folders (resumable; finished
+ones are reused).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import InputError, PilotConfig, RunConfig
+from .planner import BoundConstants, ConstantEstimationError, PilotObservation, estimate_constants
+
+LOSS_WINDOW = 3  # rounds averaged before comparing train loss with the pilot target
+
+
+def pilot_config(cfg: RunConfig) -> PilotConfig:
+    pc = cfg.planner.pilot
+    return pc if isinstance(pc, PilotConfig) else PilotConfig()
+
+
+def loss_reached(rows: list[dict], target_loss: float) -> bool:
+    """Mean train loss over the last LOSS_WINDOW non-empty rounds is at or below the target."""
+    losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+    return len(losses) >= LOSS_WINDOW and sum(losses[-LOSS_WINDOW:]) / LOSS_WINDOW <= target_loss
+
+
+def check_planner_inputs(cfg: RunConfig) -> None:
+    """Cheap checks before anything is written: constants given, or a usable pilot setup."""
+    if cfg.planner.constants is not None:
+        return
+    if not cfg.planner.pilot:
+        raise InputError("method 'proposed' needs planner.constants {alpha, beta, gamma, delta} "
+                         "or planner.pilot: true (with a pilot target) to estimate them")
+    pc = pilot_config(cfg)
+    if pc.target_loss is None and pc.target_accuracy is None:
+        raise InputError("planner.pilot: give target_loss or target_accuracy (the pilot runs stop there)")
+    if len(pc.settings) < 4:
+        raise InputError(f"planner.pilot.settings: {len(pc.settings)} settings; 4 or more are needed")
+
+
+def run_pilots(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True, log=print) -> dict:
+    """Run the pilot settings into out/<k>_q<q>_s<s>/, estimate the constants, write
+    out/constants.json and return it. Raises InputError with the reason when it cannot."""
+    from . import simulate
+
+    pc = pilot_config(cfg)
+    if not cfg.planner.pilot:
+        cfg = cfg.model_copy(deep=True)
+        cfg.planner.pilot = pc
+    check_planner_inputs(cfg.model_copy(update={"planner": cfg.planner.model_copy(update={"constants": None})}))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = setup or simulate.build_setup(cfg)
+    observations, runs = [], []
+    for k, (q, s) in enumerate(pc.settings):
+        pcfg = cfg.model_copy(deep=True)
+        pcfg.method = "manual"
+        pcfg.sampling.participation_prob = float(q)
+        pcfg.sketch.ratio = float(s)
+        pcfg.train.rounds = pc.max_rounds
+        pcfg.train.target_accuracy = pc.target_accuracy
+        pcfg.train.max_sim_time_s = None
+        pcfg.planner.pilot = False
+        folder = out / f"{k}_q{q:g}_s{s:g}"
+        stop = (lambda rows: loss_reached(rows, pc.target_loss)) if pc.target_loss is not None else None
+        log(f"pilot {k + 1}/{len(pc.settings)}: q={q:g} s={s:g} -> {folder}")
+        result = simulate.run(pcfg, folder, resume=folder.exists(), setup=setup,
+                              progress=progress, stop_when=stop)
+        if result["stop_reason"] not in ("target_accuracy", "stop_when"):
+            raise InputError(f"planner.pilot: pilot q={q:g} s={s:g} did not reach the pilot target within "
+                             f"{pc.max_rounds} rounds (planner.pilot.max_rounds); raise it or ease the target")
+        observations.append(PilotObservation(participation_prob=float(q), sketch_ratio=float(s),
+                                             rounds=float(result["rounds"])))
+        runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": result["rounds"], "folder": str(folder)})
+    try:
+        est = estimate_constants(observations, setup.data_share)
+    except ConstantEstimationError as e:
+        raise InputError(f"planner.pilot: {e}") from None
+    report = {"constants": est.constants.to_dict(), "condition_number": est.condition_number,
+              "residual": est.residual, "singular_values": [float(x) for x in est.singular_values], "pilots": runs}
+    (out / "constants.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def resolve_constants(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True) -> BoundConstants:
+    """Constants from planner.constants, or from pilot runs in out/pilot when planner.pilot is on."""
+    check_planner_inputs(cfg)
+    if cfg.planner.constants is not None:
+        from .simulate import constants_from_config
+
+        return constants_from_config(cfg)
+    saved = Path(out) / "pilot" / "constants.json"
+    report = json.loads(saved.read_text()) if saved.exists() else \
+        run_pilots(cfg, Path(out) / "pilot", setup=setup, progress=progress)
+    return BoundConstants(**report["constants"])

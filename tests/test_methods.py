@@ -1,0 +1,414 @@
+"""Baselines: hand-computed aggregation of each method on 2-3 clients with tiny matrices
+(r = 4, in = 2, out = 3), the advertised q and s of the seed's baselines, and one short real
+run of every method through the round loop."""
+
+import dataclasses
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora import simulate
+from fedlora.config import InputError, RunConfig, load_config
+from fedlora.methods import METHODS
+from fedlora.methods.base import ClientJob, MethodContext, payload_values, state_values
+from fedlora.methods.flexlora import FlexLoRA, svd_truncation
+from fedlora.methods.flora import FLoRA, stack_adapters
+from fedlora.methods.fslora import FSLoRA, default_clients_per_round, expected_max_fixed_size
+from fedlora.methods.hetlora import HetLoRA, truncate
+from fedlora.methods.rank_baselines import RankFull, RankNormal, RankUniform
+from fedlora.methods.sampling_baselines import SampleFixed, SampleFull, SampleUniform, SampleWeighted
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+T = torch.float64
+P3 = (0.5, 0.3, 0.2)
+NEW_METHODS = ["fslora", "hetlora", "flora", "flexlora", "sample_full", "sample_fixed", "sample_uniform",
+               "sample_weighted", "rank_full", "rank_normal", "rank_uniform"]
+
+
+class StubEngine:
+    """Records merge_into_base calls (FLoRA) instead of touching a model."""
+
+    def __init__(self):
+        self.merged: list[dict] = []
+
+    def merge_into_base(self, delta):
+        self.merged.append({k: v.clone() for k, v in delta.items()})
+
+    def base_delta(self):
+        out = {}
+        for d in self.merged:
+            for k, v in d.items():
+                out[k] = out[k] + v if k in out else v.clone()
+        return out
+
+
+def make_ctx(shares=P3, *, rank=4, alpha=8.0, shapes=None, engine=None, seed=0, **sections):
+    n = len(shares)
+    cfg = RunConfig(seed=seed, data={"num_clients": n}, lora={"rank": rank, "alpha": alpha}, **sections)
+    return MethodContext(cfg=cfg, data_share=np.asarray(shares, float), compute_time_s=np.linspace(1.0, 3.0, n),
+                         upload_s_hz=np.linspace(10.0, 30.0, n), module_shapes=shapes or {"m": (2, 3)},
+                         engine=engine)
+
+
+def ones_state(value=1.0, shapes=None, rank=4):
+    shapes = shapes or {"m": (2, 3)}
+    return {n: (torch.full((rank, i), value, dtype=T), torch.full((o, rank), value, dtype=T))
+            for n, (i, o) in shapes.items()}
+
+
+def t(x):
+    return torch.tensor(x, dtype=T)
+
+
+# ------------------------------------------------------------------ FSLoRA
+
+
+def test_fslora_weighted_average_with_scatter():
+    m = FSLoRA(make_ctx(options={"clients_per_round": 2, "client_ranks": [2, 4, 2]}))
+    state = ones_state()
+    jobs = {0: ClientJob(0, start={}, scaling=4.0, compute_ratio=0.5, rank_indices=np.array([0, 2])),
+            2: ClientJob(2, start={}, scaling=4.0, compute_ratio=0.5, rank_indices=np.array([1, 2]))}
+    payloads = {0: {"m.A": t([[1, 2], [3, 4]]), "m.B": t([[1, 0], [0, 1], [1, 1]])},
+                2: {"m.A": t([[10, 20], [30, 40]]), "m.B": t([[7, 0], [0, 7], [7, 7]])}}
+    new = m.aggregate(1, state, jobs, payloads)
+    w0, w2 = 0.5 / 0.7, 0.2 / 0.7  # data shares renormalized over the sampled set
+    a = np.ones((4, 2))
+    a[0] += w0 * np.array([1, 2])
+    a[1] += w2 * np.array([10, 20])
+    a[2] += w0 * np.array([3, 4]) + w2 * np.array([30, 40])  # overlapping rank: both add
+    b = np.ones((3, 4))
+    b[:, 0] += w0 * np.array([1, 0, 1])
+    b[:, 1] += w2 * np.array([7, 0, 7])
+    b[:, 2] += w0 * np.array([0, 1, 1]) + w2 * np.array([0, 7, 7])
+    np.testing.assert_allclose(new["m"][0].numpy(), a, atol=1e-12)
+    np.testing.assert_allclose(new["m"][1].numpy(), b, atol=1e-12)
+    assert m.aggregate(2, state, {}, {}) is state  # empty round: unchanged
+
+
+def test_fslora_configure_round_sketches_fixed_size_set():
+    ctx = make_ctx((0.1,) * 10, options={"client_ranks": [1, 2, 3, 4] * 2 + [1, 2]})
+    m = FSLoRA(ctx)
+    assert m.clients_per_round == 2  # round(0.2 * 10)
+    state = ones_state()
+    sets = set()
+    for rnd in range(1, 9):
+        rc = m.configure_round(rnd, state)
+        ids = [j.client_id for j in rc.jobs]
+        assert len(ids) == 2 == len(set(ids)) and ids == sorted(ids)
+        sets.add(tuple(ids))
+        assert rc.broadcast_values == state_values(state) == 4 * 5
+        for j in rc.jobs:
+            k = m.ranks[j.client_id]
+            assert len(j.rank_indices) == k and j.start["m"][0].shape == (k, 2) and j.start["m"][1].shape == (3, k)
+            assert j.scaling == pytest.approx(2.0 * 4 / k) and j.compute_ratio == k / 4
+        again = FSLoRA(ctx).configure_round(rnd, state)  # deterministic per (seed, round)
+        assert [j.client_id for j in again.jobs] == ids
+        assert all(np.array_equal(x.rank_indices, y.rank_indices) for x, y in zip(again.jobs, rc.jobs))
+    assert len(sets) > 1  # a fresh set each round
+
+
+def test_fixed_size_defaults_and_bad_input():
+    assert [default_clients_per_round(n) for n in (1, 3, 4, 10, 13, 50)] == [1, 1, 1, 2, 3, 10]
+    with pytest.raises(InputError, match="clients_per_round"):
+        FSLoRA(make_ctx(options={"clients_per_round": 4}))
+    # ranks from sketch.ratio when no client_ranks: ceil(s r)
+    assert FSLoRA(make_ctx(sketch={"ratio": [0.25, 0.5, 1.0]})).ranks.tolist() == [1, 2, 4]
+
+
+def test_expected_max_fixed_size_matches_enumeration():
+    v = np.array([3.0, 1.0, 4.0, 1.0, 5.0])
+    for m in range(1, 6):
+        subsets = list(itertools.combinations(range(5), m))
+        brute = np.mean([v[list(s)].max() for s in subsets])
+        assert expected_max_fixed_size(v, m) == pytest.approx(brute)
+    plan = FSLoRA(make_ctx(options={"clients_per_round": 2, "client_ranks": [4, 2, 1]})).plan()
+    assert plan["participation_prob"] == pytest.approx([2 / 3] * 3) and plan["ranks"] == [4, 2, 1]
+    assert plan["sketch_ratio"] == [1.0, 0.5, 0.25] and plan["expected_round_time_s"] > 0
+
+
+# ------------------------------------------------------------------ HetLoRA
+
+
+def _het_setup(weighting):
+    m = HetLoRA(make_ctx(options={"clients_per_round": 3, "client_ranks": [4, 2, 1],
+                                  "hetlora_weighting": weighting}))
+    state = ones_state(0.0)
+    jobs = {i: ClientJob(i, start=truncate(state, k), scaling=2.0, compute_ratio=k / 4, rank_indices=np.arange(k))
+            for i, k in enumerate([4, 2, 1])}
+    c = {0: 1.0, 1: 2.0, 2: 4.0}
+    payloads = {i: {"m.A": torch.full((k, 2), c[i], dtype=T), "m.B": torch.full((3, k), c[i], dtype=T)}
+                for i, k in enumerate([4, 2, 1])}
+    return m, state, jobs, payloads
+
+
+def test_hetlora_truncates_first_ranks_with_global_scaling():
+    m = HetLoRA(make_ctx(options={"clients_per_round": 3, "client_ranks": [4, 2, 1]}))
+    state = {"m": (torch.arange(8, dtype=T).reshape(4, 2), torch.arange(12, dtype=T).reshape(3, 4))}
+    rc = m.configure_round(1, state)
+    assert [j.client_id for j in rc.jobs] == [0, 1, 2] and rc.broadcast_values == 20
+    for j, k in zip(rc.jobs, [4, 2, 1]):
+        a, b = j.start["m"]
+        assert torch.equal(a, state["m"][0][:k]) and torch.equal(b, state["m"][1][:, :k])
+        assert j.scaling == 2.0 and j.compute_ratio == k / 4  # alpha / r, no r / k rescale
+    j = rc.jobs[1]
+    j.start["m"][0].add_(1.0)  # a client's start is a copy, never the global state
+    assert state["m"][0][0, 0] == 0
+
+
+def test_hetlora_zero_pad_per_rank_average():
+    m, state, jobs, payloads = _het_setup("uniform")
+    new = m.aggregate(1, state, jobs, payloads)
+    # rank 0: all three hold it; rank 1: clients 0, 1; ranks 2, 3: client 0 only
+    per_rank = [(0.5 * 1 + 0.3 * 2 + 0.2 * 4) / 1.0, (0.5 * 1 + 0.3 * 2) / 0.8, 1.0, 1.0]
+    np.testing.assert_allclose(new["m"][0].numpy(), np.repeat(np.array(per_rank)[:, None], 2, 1), atol=1e-12)
+    np.testing.assert_allclose(new["m"][1].numpy(), np.repeat(np.array(per_rank)[None, :], 3, 0), atol=1e-12)
+    # a rank nobody holds stays put
+    jobs2 = {1: jobs[1], 2: jobs[2]}
+    new2 = m.aggregate(1, ones_state(5.0), jobs2, {1: payloads[1], 2: payloads[2]})
+    assert torch.all(new2["m"][0][2:] == 5.0) and torch.all(new2["m"][1][:, 2:] == 5.0)
+    np.testing.assert_allclose(new2["m"][0][0].numpy(), 5 + (0.3 * 2 + 0.2 * 4) / 0.5)
+
+
+def test_hetlora_norm_weighting():
+    m, state, jobs, payloads = _het_setup("norm")
+    new = m.aggregate(1, state, jobs, payloads)
+    # start 0, so B_i A_i = c^2 k * ones(3, 2): norms 4, 8, 16 (times sqrt 6, which cancels)
+    per_rank = [(4 * 1 + 8 * 2 + 16 * 4) / 28, (4 * 1 + 8 * 2) / 12, 1.0, 1.0]
+    np.testing.assert_allclose(new["m"][0][:, 0].numpy(), per_rank, atol=1e-12)
+    np.testing.assert_allclose(new["m"][1][0].numpy(), per_rank, atol=1e-12)
+
+
+# ------------------------------------------------------------------ FLoRA
+
+
+def test_flora_fresh_adapters_stack_exactly_and_merge():
+    engine = StubEngine()
+    ctx = make_ctx(engine=engine, options={"clients_per_round": 2, "client_ranks": [4, 2, 1]})
+    m = FLoRA(ctx)
+    state = ones_state(0.0)
+    rc = m.configure_round(1, state)
+    assert rc.broadcast_values == 0 and len(rc.jobs) == 2  # round 1: nothing to download
+    for j in rc.jobs:
+        k = m.ranks[j.client_id]
+        a, b = j.start["m"]
+        assert a.shape == (k, 2) and b.shape == (3, k) and torch.all(b == 0) and torch.any(a != 0)
+        assert j.scaling == 2.0 and j.compute_ratio == k / 4
+    again = FLoRA(ctx).configure_round(1, state)
+    assert all(torch.equal(x.start["m"][0], y.start["m"][0]) for x, y in zip(rc.jobs, again.jobs))
+
+    g = torch.Generator().manual_seed(0)
+    trained = {0: {"m": (torch.randn(4, 2, generator=g, dtype=T), torch.randn(3, 4, generator=g, dtype=T))},
+               2: {"m": (torch.randn(1, 2, generator=g, dtype=T), torch.randn(3, 1, generator=g, dtype=T))}}
+    jobs = {i: ClientJob(i, start={"m": (torch.zeros_like(a), torch.zeros_like(b))}, scaling=2.0, compute_ratio=1.0)
+            for i, (a, b) in ((i, f["m"]) for i, f in trained.items())}
+    payloads = {i: m.client_payload(jobs[i], trained[i]) for i in trained}
+    # upload = the full factors, numel r_i (in + out)
+    assert torch.equal(payloads[0]["m.A"], trained[0]["m"][0]) and payload_values(payloads[2]) == 1 * 5
+    p0, p2 = 0.5 / 0.7, 0.2 / 0.7
+    expected = p0 * trained[0]["m"][1] @ trained[0]["m"][0] + p2 * trained[2]["m"][1] @ trained[2]["m"][0]
+    stacked = stack_adapters({i: trained[i] for i in trained}, {0: p0, 2: p2})
+    a_s, b_s = stacked["m"]
+    assert a_s.shape == (5, 2) and b_s.shape == (3, 5)
+    torch.testing.assert_close(b_s @ a_s, expected, atol=1e-12, rtol=0)
+
+    new = m.aggregate(1, state, jobs, payloads)
+    assert len(engine.merged) == 1
+    torch.testing.assert_close(engine.merged[0]["m"].double(), 2.0 * expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(new["m"][1] == 0)  # the global LoRA restarts
+    rc2 = m.configure_round(2, new)
+    assert rc2.broadcast_values == (4 + 1) * (2 + 3)  # the stacked factors go down to every client
+    restored = FLoRA(ctx)
+    restored.load_state_dict(m.state_dict())
+    assert restored.configure_round(2, new).broadcast_values == rc2.broadcast_values
+
+
+# ------------------------------------------------------------------ FlexLoRA
+
+
+def test_flexlora_svd_truncation_is_best_rank_r():
+    shapes = {"m": (2, 3), "n": (6, 5)}
+    ctx = make_ctx(shapes=shapes, options={"clients_per_round": 2, "client_ranks": [4, 2, 1]})
+    m = FlexLoRA(ctx)
+    g = torch.Generator().manual_seed(1)
+    ranks = {0: 4, 1: 2}
+    trained = {i: {n: (torch.randn(k, fi, generator=g, dtype=T), torch.randn(fo, k, generator=g, dtype=T))
+                   for n, (fi, fo) in shapes.items()} for i, k in ranks.items()}
+    jobs = {i: ClientJob(i, start=trained[i], scaling=2.0, compute_ratio=1.0) for i in trained}
+    payloads = {i: m.client_payload(jobs[i], trained[i]) for i in trained}
+    assert payload_values(payloads[1]) == 2 * (5 + 11)
+    new = m.aggregate(1, ones_state(shapes=shapes), jobs, payloads)
+    assert m.server_time_s() > 0.0  # the SVDs are timed and charged
+    p0, p1 = 0.5 / 0.8, 0.3 / 0.8
+    for n in shapes:
+        w = (p0 * trained[0][n][1] @ trained[0][n][0] + p1 * trained[1][n][1] @ trained[1][n][0]).numpy()
+        u, s, vh = np.linalg.svd(w, full_matrices=False)
+        a, b = new[n]
+        assert a.shape == (4, shapes[n][0]) and b.shape == (shapes[n][1], 4)
+        best4 = (u[:, :4] * s[:4]) @ vh[:4]
+        np.testing.assert_allclose((b @ a).numpy(), best4, atol=1e-10)
+        # Eckart-Young: the error is the tail of the spectrum
+        assert np.linalg.norm(w - (b @ a).numpy()) == pytest.approx(np.sqrt(np.sum(s[4:] ** 2)), abs=1e-10)
+        for k in (1, 2):  # every client's rank-k start is the best rank-k approximation
+            ak, bk = truncate(new, k)[n]
+            np.testing.assert_allclose((bk @ ak).numpy(), (u[:, :k] * s[:k]) @ vh[:k], atol=1e-10)
+        np.testing.assert_allclose((a[:min(4, *w.shape)] @ a[:min(4, *w.shape)].T).numpy(),
+                                   np.eye(min(4, *w.shape)), atol=1e-10)  # A rows orthonormal
+    # the 3 x 2 module has rank <= 2: zero-padded beyond
+    assert torch.all(new["m"][0][2:] == 0) and torch.all(new["m"][1][:, 2:] == 0)
+    rc = m.configure_round(2, new)
+    assert rc.broadcast_values == 0
+    for j in rc.jobs:
+        k = m.ranks[j.client_id]
+        assert j.unicast_values == k * (5 + 11) and j.scaling == 2.0
+        assert torch.equal(j.start["n"][0], new["n"][0][:k])
+    m.aggregate(3, new, {}, {})
+    assert m.server_time_s() == 0.0
+
+
+def test_svd_truncation_rank_deficient_keeps_ranks_trainable():
+    a, b = svd_truncation(torch.zeros(5, 6, dtype=T), 3)
+    assert torch.all(b == 0)
+    torch.testing.assert_close(a @ a.T, torch.eye(3, dtype=T))  # unit rows: a LoRA init pattern
+
+
+# ------------------------------------------------------------------ seed 001 baselines
+
+
+def test_sampling_baselines_advertised_q_and_s():
+    shares = (0.4, 0.3, 0.2, 0.1)
+    ctx = make_ctx(shares, sketch={"ratio": 0.25}, sampling={"participation_prob": 0.3})
+    for cls, q in ((SampleFull, [1.0] * 4), (SampleFixed, [0.5] * 4)):
+        m = cls(ctx)
+        assert m.participation_prob.tolist() == q and m.ranks.tolist() == [4] * 4
+        assert m.plan()["sketch_ratio"] == [1.0] * 4
+    u = SampleUniform(ctx)
+    assert np.all((u.participation_prob >= 0.05) & (u.participation_prob <= 1.0)) and u.ranks.tolist() == [4] * 4
+    assert np.array_equal(SampleUniform(ctx).participation_prob, u.participation_prob)  # seeded
+    other = SampleUniform(make_ctx(shares, seed=1))
+    assert not np.array_equal(other.participation_prob, u.participation_prob)
+    w = SampleWeighted(ctx)
+    np.testing.assert_allclose(w.participation_prob, np.array(shares) / 0.5)  # sum = 0.5 N = 2, q prop. to p
+    assert w.ranks.tolist() == [4] * 4
+
+    class Planned(SampleWeighted):
+        def expected_participants(self):
+            return 1.0
+
+    np.testing.assert_allclose(Planned(ctx).participation_prob, shares)
+    big = make_ctx((1 / 400,) * 400)
+    draws = SampleUniform(big).participation_prob
+    assert draws.min() >= 0.05 and abs(draws.mean() - 0.525) < 0.05
+
+
+def test_rank_baselines_advertised_q_and_s():
+    n, r = 400, 8
+    ctx = make_ctx((1 / n,) * n, rank=r, sampling={"participation_prob": 0.3}, sketch={"ratio": 0.5})
+    full = RankFull(ctx)
+    assert np.all(full.participation_prob == 0.3) and np.all(full.ranks == r)
+    mid, width = (1 / r + 1) / 2, 1 - 1 / r
+    for cls, var in ((RankNormal, None), (RankUniform, width ** 2 / 12)):
+        m = cls(ctx)
+        q, s = m.choose_q_s()
+        assert np.all(q == 0.3) and np.all(m.participation_prob == 0.3)
+        assert s.min() >= 1 / r and s.max() <= 1 and abs(s.mean() - mid) < 0.05
+        if var is not None:
+            assert s.var() == pytest.approx(var, rel=0.2)
+        else:
+            assert s.var() < 0.9 * width ** 2 / 12  # concentrated around the midpoint
+        assert np.all((m.ranks >= 1) & (m.ranks <= r)) and np.array_equal(m.ranks, np.ceil(s * r - 1e-9).astype(int))
+        assert np.array_equal(cls(ctx).ranks, m.ranks)  # seeded
+        assert not np.array_equal(cls(make_ctx((1 / n,) * n, rank=r, seed=3)).ranks, m.ranks)
+    assert np.all(RankNormal(make_ctx(rank=1)).ranks == 1)
+
+
+def test_registered_with_summaries():
+    for name in NEW_METHODS:
+        assert METHODS[name].name == name and METHODS[name].summary
+
+
+# ------------------------------------------------------------------ real runs
+
+RANKS = [4, 3, 2, 1]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config(SMOKE, ["train.rounds=2", "train.local_steps=1", "eval.every=2", "eval.max_examples=4",
+                              "eval.final_max_examples=4", "options.clients_per_round=2",
+                              f"options.client_ranks={RANKS}"])
+    return simulate.build_setup(cfg)
+
+
+@pytest.mark.parametrize("name", NEW_METHODS)
+def test_real_run(setup, tmp_path, name):
+    cfg = setup.cfg.model_copy(update={"method": name})
+    s = dataclasses.replace(setup, cfg=cfg)  # same data, model and profiles; this method's config
+    out = tmp_path / name
+    result = simulate.run(cfg, out, setup=s, progress=False)
+    for f in ("config.yaml", "clients.json", "plan.json", "metrics.jsonl", "data.json", "result.json",
+              "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoint/progress.json"):
+        assert (out / f).exists(), f
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    plan = json.loads((out / "plan.json").read_text())
+    per_rank = sum(i + o for i, o in setup.engine.module_shapes.values())  # values per rank, all modules
+    bpv = cfg.system.bytes_per_value
+    r = cfg.lora.rank
+    prev = []
+    for row in rows[1:]:
+        ids = row["participants"]
+        if ids:
+            assert math.isfinite(row["train_loss"])
+        assert row["rejected"] == []
+        assert row["upload_bytes"] == sum(plan["ranks"][i] for i in ids) * per_rank * bpv
+        if name == "flora":
+            down = sum(RANKS[i] for i in prev) * per_rank
+        elif name == "flexlora":
+            down = sum(RANKS[i] for i in ids) * per_rank
+            assert row["server_time_s"] > 0
+        else:
+            down = r * per_rank
+        assert row["download_bytes"] == down * bpv
+        if name in ("fslora", "hetlora", "flora", "flexlora"):
+            assert len(ids) == 2 and plan["ranks"] == RANKS
+        prev = ids
+    assert math.isfinite(rows[-1]["eval_mean"]) and math.isfinite(result["final_eval_mean"])
+    assert result["method"] == name and result["rounds"] == 2
+    if name == "flora":  # the stacked updates live in the base: merged, checkpointed, folded into adapter/
+        assert setup.engine.base_delta()
+        assert (out / "checkpoint" / "base_delta.safetensors").exists()
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+
+
+def test_flora_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    """FLoRA's pending broadcast (method state) and merged base (engine) survive a resume."""
+    cfg = setup.cfg.model_copy(update={"method": "flora"})
+    s = dataclasses.replace(setup, cfg=cfg)
+    full = tmp_path / "full"
+    simulate.run(cfg, full, setup=s, progress=False)
+    real = simulate.client_batches
+
+    def crash_in_round_2(st, client, round_idx):
+        if round_idx == 2:
+            raise KeyboardInterrupt("killed")
+        return real(st, client, round_idx)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(simulate, "client_batches", crash_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        simulate.run(cfg, killed, setup=s, progress=False)
+    monkeypatch.setattr(simulate, "client_batches", real)
+    simulate.run(cfg, killed, setup=s, progress=False, resume=True)
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(x).items() if k != "cpu_time_s"}
+                for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(killed) == rows(full)
+    assert rows(full)[2]["download_bytes"] > 0

@@ -1,0 +1,382 @@
+"""Tests of the model engine (src/fedlora/model.py).
+
+Fast tests use a handful of hand-written questions on the embedded all-MiniLM-L6-v2 and a
+tiny random Qwen2 built in tmp_path; @slow ones train on real ARC-Easy questions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedlora.model import EMBEDDED_MODEL, Engine, ModelError, ModelSpec, resolve_model_path, state_rank
+
+DATA = Path(__file__).resolve().parents[1] / "src" / "fedlora" / "resources" / "commonsense"
+ALPHA = 16.0
+
+
+@dataclass(frozen=True)
+class Question:  # the shape of fedlora.data.Question (the engine only reads these fields)
+    task: str
+    text: str
+    options: tuple[str, ...]
+    label: int
+
+
+def load_arc(split: str, task: str = "ARC-Easy") -> list[Question]:
+    """Tiny LLM-Adapters parser (independent of fedlora.data)."""
+    out = []
+    for rec in json.loads((DATA / task / f"{split}.json").read_text()):
+        head, rest = rec["instruction"].split("\n\nAnswer1:", 1)
+        text = head.split("question:", 1)[1].strip()
+        listing = "Answer1:" + rest.split("\n\nAnswer format:")[0]
+        options = tuple(o.strip() for o in re.split(r"\s*Answer\d+:\s*", listing) if o.strip())
+        out.append(Question(task, text, options, int(rec["answer"][len("answer"):]) - 1))
+    return out
+
+
+QS = [
+    Question("color", "What color is a clear daytime sky?", ("blue", "green", "red", "black"), 0),
+    Question("color", "What color is fresh grass?", ("purple", "green", "white"), 1),
+    Question("science", "Which gas do plants take in for photosynthesis?",
+             ("oxygen", "helium", "carbon dioxide", "neon", "argon"), 2),
+    Question("science", "What force pulls objects toward the Earth?", ("magnetism", "gravity"), 1),
+    Question("science", "Water freezes at what temperature in Celsius?", ("0 degrees", "50 degrees", "100 degrees", "-40 degrees"), 0),
+    Question("color", "What color is snow?", ("white", "orange", "blue"), 0),
+]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(ModelSpec(EMBEDDED_MODEL, max_length=32), rank=4, seed=0)
+
+
+def random_state(engine: Engine, seed: int, rank: int | None = None) -> dict:
+    """A state with non-zero B, so every rank influences the output."""
+    g = torch.Generator().manual_seed(seed)
+    r = rank or engine.rank
+    return {n: (torch.randn(r, i, generator=g) * 0.05, torch.randn(o, r, generator=g) * 0.05)
+            for n, (i, o) in engine.module_shapes.items()}
+
+
+def take(state: dict, idx: list[int]) -> dict:
+    return {n: (a[idx].clone(), b[:, idx].clone()) for n, (a, b) in state.items()}
+
+
+def scatter(state: dict, sub: dict, idx: list[int]) -> dict:
+    out = {n: (a.clone(), b.clone()) for n, (a, b) in state.items()}
+    for n, (a, b) in sub.items():
+        out[n][0][idx] = a
+        out[n][1][:, idx] = b
+    return out
+
+
+# ---------------------------------------------------------------------------- basics
+def test_resolve_model_path(tmp_path):
+    p = resolve_model_path(EMBEDDED_MODEL)
+    assert (p / "config.json").is_file()
+    assert resolve_model_path("minilm") == p
+    with pytest.raises(ModelError, match="not a local folder") as e:
+        resolve_model_path(str(tmp_path / "nope"))
+    assert "\n" not in str(e.value) and "nope" in str(e.value)
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+    with pytest.raises(ModelError):
+        ModelSpec("x", kind="bogus")
+
+
+def test_module_names_shapes_and_init(engine):
+    names = list(engine.module_shapes)
+    assert names == sorted(names) and len(names) == 12
+    assert names[0] == "encoder.layer.0.attention.self.query"
+    assert all(s == (384, 384) for s in engine.module_shapes.values())
+    s1, s2, s3 = engine.init_state(1), engine.init_state(1), engine.init_state(2)
+    for n in names:
+        assert torch.equal(s1[n][0], s2[n][0]) and not torch.equal(s1[n][0], s3[n][0])
+        a, b = s1[n]
+        assert a.shape == (4, 384) and b.shape == (384, 4) and a.dtype == torch.float32
+        assert not b.any()
+        assert a.abs().max() <= 1 / math.sqrt(384) + 1e-6  # kaiming-uniform(a=sqrt 5) bound
+    # B = 0: the adapter does not change the base model's scores
+    assert torch.allclose(engine.scores(s1, scaling=4.0, questions=QS), engine.scores(None, scaling=1.0, questions=QS))
+
+
+def test_scores_shape_and_evaluate_per_task(engine):
+    s = engine.scores(engine.init_state(0), scaling=4.0, questions=QS)
+    assert s.shape == (6, 5)
+    assert torch.isinf(s[0, 4]) and torch.isinf(s[3, 2:]).all() and torch.isfinite(s[2]).all()
+    acc = engine.evaluate(engine.init_state(0), scaling=4.0, questions=QS, batch_size=4)
+    assert set(acc) == {"color", "science"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    assert set(engine.evaluate(None, scaling=1.0, questions=QS[:2])) == {"color"}
+    with pytest.raises(ModelError):
+        engine.scores(engine.init_state(0), scaling=1.0, questions=[Question("x", "q", ("a", "b"), 2)])
+
+
+# ---------------------------------------------------------------------------- sketch
+def test_sketch_training_moves_only_the_slice(engine):
+    r, idx = engine.rank, [1, 3]
+    k = len(idx)
+    full = random_state(engine, 0)
+    sub = take(full, idx)
+    before = {n: (a.clone(), b.clone()) for n, (a, b) in sub.items()}
+    res = engine.train_local(sub, scaling=ALPHA / r * r / k, batches=[QS[:3], QS[3:]], lr=0.5)
+    assert res.finite and res.num_steps == 2 and len(res.losses) == 2 and res.compute_s > 0
+    # the input is untouched, the returned sub-adapter changed
+    assert all(torch.equal(sub[n][0], before[n][0]) and torch.equal(sub[n][1], before[n][1]) for n in sub)
+    assert any(not torch.equal(res.state[n][0], sub[n][0]) for n in sub)
+    assert any(not torch.equal(res.state[n][1], sub[n][1]) for n in sub)
+    assert state_rank(res.state) == k
+    # scattered back: ranks outside the sketch are bit-identical
+    new = scatter(full, res.state, idx)
+    out = [j for j in range(r) if j not in idx]
+    for n in full:
+        assert torch.equal(new[n][0][out], full[n][0][out])
+        assert torch.equal(new[n][1][:, out], full[n][1][:, out])
+        assert new[n][0].dtype == torch.float32 and new[n][0].device.type == "cpu"
+
+
+def test_sub_adapter_really_has_rank_k(engine):
+    seen = {}
+
+    def probe(live):  # a regularizer that records what is being trained
+        seen["A"] = {tuple(a.shape) for a, _ in live.values()}
+        seen["B"] = {tuple(b.shape) for _, b in live.values()}
+        seen["trainable"] = sum(p.numel() for p in engine.peft.parameters() if p.requires_grad)
+        seen["module"] = tuple(engine.layers[next(iter(engine.layers))].lora_A[engine._active].weight.shape)
+        return torch.zeros(())
+
+    counts = {}
+    for k in (1, engine.rank):
+        start = take(engine.init_state(0), list(range(k)))
+        engine.train_local(start, scaling=ALPHA / k, batches=[QS[:2]], lr=0.1, regularizer=probe)
+        assert seen["A"] == {(k, 384)} and seen["B"] == {(384, k)} and seen["module"] == (k, 384)
+        counts[k] = seen["trainable"]
+    assert counts[1] == 12 * (384 + 384) * 1
+    assert counts[engine.rank] == engine.rank * counts[1]
+
+
+def test_sketch_algebra_matches_masked_full_rank(engine):
+    r, idx = engine.rank, [0, 2]
+    k = len(idx)
+    full = random_state(engine, 1)
+    masked = {}
+    for n, (a, b) in full.items():
+        b2 = torch.zeros_like(b)
+        b2[:, idx] = b[:, idx] * (r / k)
+        masked[n] = (a, b2)
+    s_sub = engine.scores(take(full, idx), scaling=ALPHA / r * r / k, questions=QS)
+    s_mask = engine.scores(masked, scaling=ALPHA / r, questions=QS)
+    s_base = engine.scores(None, scaling=1.0, questions=QS)
+    fin = torch.isfinite(s_sub)
+    assert torch.equal(fin, torch.isfinite(s_mask))
+    assert (s_sub[fin] - s_mask[fin]).abs().max() < 1e-5
+    assert (s_sub[fin] - s_base[fin]).abs().max() > 1e-3  # the adapter matters
+
+
+def test_deterministic_and_bounded_adapter_cache(engine):
+    start = take(random_state(engine, 2), [0, 1, 2])
+    kw = dict(scaling=ALPHA / 3, batches=[QS[:3], QS[3:]], lr=1e-2, optimizer="adamw", weight_decay=0.01, max_grad_norm=1.0)
+    r1, r2 = engine.train_local(start, **kw), engine.train_local(start, **kw)
+    assert r1.losses == r2.losses
+    assert all(torch.equal(r1.state[n][0], r2.state[n][0]) and torch.equal(r1.state[n][1], r2.state[n][1]) for n in start)
+    for k in range(1, 13):  # many distinct ranks (more than any r) -> cache stays bounded
+        engine.train_local(take(random_state(engine, 3, rank=12), list(range(k))), scaling=1.0, batches=[], lr=0.1)
+    assert len(engine._adapters) <= engine.max_cached_adapters
+    r3 = engine.train_local(start, **kw)  # rank-3 adapter was evicted and rebuilt: same result
+    assert r3.losses == r1.losses
+
+
+def test_nonfinite_stops_early(engine):
+    start = random_state(engine, 4)
+    res = engine.train_local(start, scaling=4.0, batches=[QS] * 5, lr=1e30)
+    assert not res.finite and res.num_steps < 5
+    with pytest.raises(ModelError):
+        engine.train_local(start, scaling=4.0, batches=[QS], lr=0.1, optimizer="lbfgs")
+
+
+def test_flops_per_step(engine):
+    f8, f16 = engine.flops_per_step(8, QS), engine.flops_per_step(16, QS)
+    assert f8 > 0 and f16 == pytest.approx(2 * f8)
+    # 6 * ~10.8M matmul params * tokens: a MiniLM step of 8 short questions is ~1e10 FLOPs
+    assert 1e9 < f8 < 1e12
+
+
+# ---------------------------------------------------------------------------- base merges, export
+def test_merge_into_base_and_restore(engine):
+    names = list(engine.module_shapes)[:3]
+    g = torch.Generator().manual_seed(5)
+    sub = {n: (torch.randn(2, 384, generator=g) * 0.05, torch.randn(384, 2, generator=g) * 0.05) for n in names}
+    zero = {n: (torch.zeros(2, 384), torch.zeros(384, 2)) for n in engine.module_shapes}
+    as_adapter = {**zero, **sub}
+    scale = 3.0
+    base = engine.scores(None, scaling=1.0, questions=QS)
+    via_adapter = engine.scores(as_adapter, scaling=scale, questions=QS)
+    w_before = engine.layers[names[0]].get_base_layer().weight.detach().clone()
+    delta = {n: scale * b @ a for n, (a, b) in sub.items()}
+    engine.merge_into_base(delta)
+    try:
+        assert torch.allclose(engine.layers[names[0]].get_base_layer().weight, w_before + delta[names[0]])
+        merged = engine.scores(None, scaling=1.0, questions=QS)
+        fin = torch.isfinite(base)
+        assert (merged[fin] - via_adapter[fin]).abs().max() < 1e-4
+        assert (merged[fin] - base[fin]).abs().max() > 1e-3
+        saved = engine.base_delta()
+        assert set(saved) == set(names)
+        engine.load_base_delta({})
+        assert torch.equal(engine.scores(None, scaling=1.0, questions=QS), base)
+        assert torch.equal(engine.layers[names[0]].get_base_layer().weight, w_before)
+        engine.load_base_delta(saved)
+        assert torch.equal(engine.scores(None, scaling=1.0, questions=QS), merged)
+        with pytest.raises(ModelError):
+            engine.merge_into_base({"no.such.module": torch.zeros(3, 3)})
+    finally:
+        engine.load_base_delta({})
+
+
+def _plain_bi_encoder_scores(model, tokenizer, questions, max_length=32):
+    """The scorer written plainly against any (PEFT-wrapped) encoder."""
+    rows = []
+    with torch.no_grad():
+        for q in questions:
+            enc = tokenizer([q.text, *q.options], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            e = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+            rows.append(20.0 * (e[1:] @ e[0]))
+    width = max(len(r) for r in rows)
+    return torch.stack([F.pad(r, (0, width - len(r)), value=-math.inf) for r in rows])
+
+
+def test_save_peft_adapter_roundtrip(engine, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    state = random_state(engine, 6)
+    ours = engine.scores(state, scaling=ALPHA / engine.rank, questions=QS)
+    engine.save_peft_adapter(state, ALPHA, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == engine.rank and cfg["lora_alpha"] == ALPHA and set(cfg["target_modules"]) == {"query", "value"}
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(engine.path), tmp_path / "adapter").eval()
+    theirs = _plain_bi_encoder_scores(peft_model, engine.tokenizer, QS)
+    fin = torch.isfinite(ours)
+    assert torch.equal(fin, torch.isfinite(theirs))
+    assert (ours[fin] - theirs[fin]).abs().max() < 1e-4
+
+    # merged base deltas (FLoRA-style) are folded into the exported adapter
+    name = next(iter(engine.module_shapes))
+    g = torch.Generator().manual_seed(7)
+    delta = {name: torch.randn(384, 3, generator=g) @ torch.randn(3, 384, generator=g) * 0.01}
+    engine.merge_into_base(delta)
+    try:
+        ours = engine.scores(state, scaling=ALPHA / engine.rank, questions=QS)
+        engine.save_peft_adapter(state, ALPHA, tmp_path / "adapter2")
+    finally:
+        engine.load_base_delta({})
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(engine.path), tmp_path / "adapter2").eval()
+    theirs = _plain_bi_encoder_scores(peft_model, engine.tokenizer, QS)
+    assert (ours[fin] - theirs[fin]).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------- causal LM path
+def make_tiny_causal(path: Path) -> Path:
+    """A random 2-layer Qwen2 with a byte-level BPE tokenizer trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    sentences = [q.text + " " + " ".join(q.options) for q in QS] + [
+        "Question: Answer: the correct answer is answer1 answer2 answer3 answer4 answer5",
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+        "### Instruction: Please choose the correct answer to the question: Answer format: ### Response:",
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(sentences, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    config = Qwen2Config(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                         initializer_range=0.2, eos_token_id=fast.eos_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_causal(tmp_path_factory) -> Path:
+    return make_tiny_causal(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.mark.parametrize("score", ["option", "answer"])
+def test_causal_engine_trains_and_evaluates(tiny_causal, score):
+    eng = Engine(ModelSpec(str(tiny_causal), score=score, max_length=128), rank=4, seed=0)
+    assert eng.kind == "causal"
+    assert set(n.rsplit(".", 1)[1] for n in eng.module_shapes) == {"q_proj", "v_proj"}
+    assert eng.module_shapes["model.layers.0.self_attn.v_proj"] == (32, 16)  # 2 kv heads of 8
+    start = eng.init_state(0)
+    s0 = eng.scores(start, scaling=ALPHA / 4, questions=QS)
+    assert s0.shape == (6, 5) and torch.isfinite(s0[2]).all() and torch.isinf(s0[0, 4])
+    assert (s0[torch.isfinite(s0)] < 0).all()  # mean log-likelihoods
+    res = eng.train_local(start, scaling=ALPHA / 4, batches=[QS[:3], QS[3:]] * 10, lr=1e-2, optimizer="adamw")
+    assert res.finite and res.num_steps == 20
+    assert sum(res.losses[-2:]) < sum(res.losses[:2])
+    before = eng.evaluate(start, scaling=ALPHA / 4, questions=QS)
+    after = eng.evaluate(res.state, scaling=ALPHA / 4, questions=QS)
+    assert set(after) == {"color", "science"}
+    assert sum(after.values()) >= sum(before.values())
+    # a sketch slice trains a real rank-2 adapter on the causal path too
+    sub = eng.train_local(take(res.state, [0, 3]), scaling=ALPHA / 2, batches=[QS[:3]], lr=1e-2)
+    assert state_rank(sub.state) == 2 and sub.finite
+    assert eng.flops_per_step(4, QS) > 0
+
+
+def test_causal_save_peft_adapter_roundtrip(tiny_causal, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    eng = Engine(ModelSpec(str(tiny_causal), max_length=128), rank=4, seed=0)
+    state = random_state(eng, 8)
+    q = QS[0]
+    eng.save_peft_adapter(state, ALPHA, tmp_path / "a")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_causal), tmp_path / "a").eval()
+    prompt = eng.tokenizer(f"Question: {q.text}\nAnswer:")["input_ids"]
+    expected = []
+    with torch.no_grad():
+        for opt in q.options:
+            cont = eng.tokenizer(f" {opt}", add_special_tokens=False)["input_ids"]
+            lp = model(input_ids=torch.tensor([prompt + cont])).logits[0].log_softmax(-1)
+            expected.append(sum(lp[len(prompt) + t - 1, c].item() for t, c in enumerate(cont)) / len(cont))
+    ours = eng.scores(state, scaling=ALPHA / 4, questions=[q])[0, :len(q.options)]
+    assert torch.allclose(ours, torch.tensor(expected), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- real training
+@pytest.mark.slow
+def test_short_training_run_improves_arc_easy_accuracy():
+    """~100 AdamW steps of batch 8 on ARC-Easy train raise held-out accuracy clearly."""
+    train, test = load_arc("train"), load_arc("test")
+    test = random.Random(0).sample(test, 300)
+    eng = Engine(ModelSpec(EMBEDDED_MODEL, max_length=64), rank=8, seed=0)
+    start = eng.init_state(0)
+    order = list(range(len(train)))
+    random.Random(0).shuffle(order)
+    batches = [[train[i] for i in order[s * 8:(s + 1) * 8]] for s in range(STEPS)]
+    acc0 = eng.evaluate(start, scaling=ALPHA / 8, questions=test)["ARC-Easy"]
+    res = eng.train_local(start, scaling=ALPHA / 8, batches=batches, lr=LR, optimizer="adamw")
+    acc1 = eng.evaluate(res.state, scaling=ALPHA / 8, questions=test)["ARC-Easy"]
+    assert res.finite and res.num_steps == STEPS
+    assert acc1 > 0.25 + 0.15
+    assert acc1 >= acc0 + MARGIN, (acc0, acc1)
+
+
+STEPS, LR, MARGIN = 100, 1e-3, 0.05  # placeholders, tuned below

@@ -1,0 +1,486 @@
+"""Planner (P2, Algorithm 2, pilot estimation): bound vs Monte Carlo, optimality against
+brute force and multi-start references written independently here, invariances,
+constraints, and constant estimation."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from fedlora.planner import (
+    BoundConstants,
+    ConstantEstimationError,
+    InfeasiblePlan,
+    PilotObservation,
+    Plan,
+    PlanProblem,
+    check_feasible,
+    estimate_constants,
+    monte_carlo_round_time_s,
+    objective,
+    plan,
+    q_lower_bound,
+    rounds_factor,
+)
+from fedlora.system import ComputeModel, expected_max_compute_s, round_time_bound_s
+
+LINEAR = ComputeModel("linear")
+
+
+def make_problem(n, seed, *, r=4, gamma=0.05, cm=LINEAR, comp_sigma=0.7, link_sigma=1.0, dir_a=1.0,
+                 bw=1.0, delta=None) -> PlanProblem:
+    """Heterogeneous compute (log-normal), links (log-normal) and data (Dirichlet)."""
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(n, dir_a))
+    c = 10.0 * np.exp(comp_sigma * rng.standard_normal(n))
+    u = 10.0 * bw * np.exp(link_sigma * rng.standard_normal(n))
+    d = float(rng.uniform(0.2, 2.0)) if delta is None else delta
+    return PlanProblem(p, c, u, bw, r, cm, BoundConstants(1.0, 1.0, gamma, d))
+
+
+def check_plan_constraints(pl: Plan, pr: PlanProblem) -> None:
+    q, k, s = pl.participation_prob, pl.ranks, pl.sketch_ratio
+    assert q.shape == k.shape == s.shape == (pr.num_clients,)
+    assert np.issubdtype(k.dtype, np.integer)
+    assert np.all(q > 0) and np.all(q <= 1)
+    assert np.all(k >= 1) and np.all(k <= pr.rank)
+    np.testing.assert_allclose(s, k / pr.rank, rtol=0, atol=1e-15)
+    lb = q_lower_bound(s, pr.data_share, pr.constants)
+    assert np.all(q >= lb * (1 - 1e-12)), "Appendix-C lower bound violated"
+    assert math.isfinite(pl.objective) and pl.objective > 0
+    assert pl.objective == pytest.approx(objective(q, s, pr), rel=1e-12)
+    assert pl.rounds_factor == pytest.approx(rounds_factor(q, s, pr.data_share, pr.constants), rel=1e-12)
+    tb = round_time_bound_s(pr.compute_s(s), pr.upload_s_hz_at(s), q, pr.bandwidth_hz)
+    assert pl.expected_round_time_s == pytest.approx(tb, rel=1e-12)
+    assert pl.iterations >= 1
+
+
+# --------------------------------------------------------------------------- references
+def brute_force(pr: PlanProblem, step=0.05):
+    """Best P2 value over q on the grid {step, 2 step, ..., 1}^N and every rank vector,
+    respecting the Appendix-C bound. Vectorised over the q grid per rank vector."""
+    n, r, kc = pr.num_clients, pr.rank, pr.constants
+    grid = np.arange(1, int(round(1 / step)) + 1) * step
+    Q = np.array(list(itertools.product(grid, repeat=n)))
+    p2 = pr.data_share ** 2
+    P = p2 / Q
+    X = P.sum(1)
+    L = pr.num_clients * kc.gamma * p2 / kc.beta
+    feas = [[Q[:, i] * (kk / r) >= L[i] * (1 - 1e-12) for kk in range(1, r + 1)] for i in range(n)]
+    best = (math.inf, None, None)
+    for ks in itertools.product(range(1, r + 1), repeat=n):
+        ks = np.array(ks)
+        s = ks / r
+        ok = np.logical_and.reduce([feas[i][ks[i] - 1] for i in range(n)])
+        Y = P @ (1 / s)
+        den = kc.beta - kc.gamma * Y
+        R = np.where(den > 0, (kc.alpha + kc.delta * X) / np.where(den > 0, den, 1.0), np.inf)
+        t = pr.compute_s(s)
+        order = np.argsort(t, kind="stable")
+        E = np.zeros(len(Q))
+        suf = np.ones(len(Q))
+        for j in order[::-1]:
+            E += t[j] * Q[:, j] * suf
+            suf *= 1 - Q[:, j]
+        T = E + Q @ (pr.upload_s_hz_at(s) / pr.bandwidth_hz)
+        F = np.where(ok, R * T, np.inf)
+        i = int(np.argmin(F))
+        if F[i] < best[0]:
+            best = (float(F[i]), Q[i].copy(), ks.copy())
+    return best
+
+
+def _emax_rows(t, Qm):
+    """E[max t] for every row of participation probabilities Qm (m, n)."""
+    order = np.argsort(t, kind="stable")
+    Qs = Qm[:, order]
+    suf = np.ones_like(Qs)
+    suf[:, :-1] = np.cumprod((1 - Qs)[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    return (Qs * suf) @ t[order], order, suf
+
+
+def _f_and_grad(pr: PlanProblem, q, s):
+    """P2 value, d/dq and d/ds, written from scratch (E[max] is multilinear in q, so
+    dE/dq_i = E(q_i=1) - E(q_i=0); dE/dt_i = q_i P(no slower client sampled))."""
+    kc = pr.constants
+    n = q.size
+    p2 = pr.data_share ** 2
+    t = pr.compute_s(s)
+    dt_ds = pr.compute_model.time_s(pr.compute_time_s, 1.0) - pr.compute_model.time_s(pr.compute_time_s, 0.0)
+    ub = pr.upload_s_hz / pr.bandwidth_hz
+    X = np.sum(p2 / q)
+    Y = np.sum(p2 / (q * s))
+    num = kc.alpha + kc.delta * X
+    den = kc.beta - kc.gamma * Y
+    if den <= 0:
+        return math.inf, None, None
+    Q1 = np.tile(q, (n, 1))
+    Q0 = Q1.copy()
+    np.fill_diagonal(Q1, 1.0)
+    np.fill_diagonal(Q0, 0.0)
+    e, order, suf = _emax_rows(t, q[None, :])
+    E = float(e[0])
+    dEq = _emax_rows(t, Q1)[0] - _emax_rows(t, Q0)[0]
+    dEt = np.empty(n)
+    dEt[order] = q[order] * suf[0]
+    T = E + np.sum(q * s * ub)
+    R = num / den
+    dR_dq = (-kc.delta * p2 / q ** 2) / den - num * kc.gamma * p2 / (q ** 2 * s) / den ** 2
+    dR_ds = -num * kc.gamma * p2 / (q * s ** 2) / den ** 2
+    dT_dq = dEq + s * ub
+    dT_ds = dEt * dt_ds + q * ub
+    return R * T, dR_dq * T + R * dT_dq, dR_ds * T + R * dT_ds
+
+
+def _refit_q(pr, q0, s):
+    lb = np.maximum(q_lower_bound(s, pr.data_share, pr.constants), 1e-6)
+
+    def f(x):
+        q = np.exp(np.minimum(x, 0))
+        v, gq, _ = _f_and_grad(pr, q, s)
+        if not math.isfinite(v):
+            return 1e10, np.zeros_like(x)
+        return math.log(v), gq * q / v
+
+    res = minimize(f, np.log(np.clip(q0, lb, 1)), jac=True, method="L-BFGS-B",
+                   bounds=list(zip(np.log(lb), np.zeros(q0.size))))
+    q = np.clip(np.exp(res.x), lb, 1)
+    return q, objective(q, s, pr)
+
+
+def multistart(pr: PlanProblem, restarts=12, seed=0):
+    """Random restarts of a joint continuous descent in (log q, s) (L-BFGS-B, analytic
+    gradients above, Appendix-C bound as a penalty), then s rounded to the rank grid, q re-fitted
+    and a +-1 integer rank search with q re-fitted after each pass. Best over restarts."""
+    with _one_blas_thread():
+        return _multistart(pr, restarts, seed)
+
+
+def _one_blas_thread():
+    # L-BFGS-B makes many tiny BLAS calls; a multi-threaded OpenBLAS on a busy machine makes
+    # each cost milliseconds.
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _multistart(pr, restarts, seed):
+    n, r = pr.num_clients, pr.rank
+    L = q_lower_bound(np.ones(n), pr.data_share, pr.constants)
+    rng = np.random.default_rng(seed)
+    best = (math.inf, None, None)
+    for _ in range(restarts):
+        z0 = np.concatenate([rng.uniform(np.log(0.02), 0, n), rng.uniform(1 / r, 1, n)])
+
+        def f(z):
+            q, s = np.exp(np.minimum(z[:n], 0)), z[n:]
+            v, gq, gs = _f_and_grad(pr, q, s)
+            if not math.isfinite(v):
+                return 1e10, np.zeros_like(z)
+            viol = np.maximum(L - q * s, 0)
+            pen = 1e4 * np.sum(viol ** 2)
+            g = np.concatenate([gq * q / v - 2e4 * viol * s * q, gs / v - 2e4 * viol * q])
+            return math.log(v) + pen, g
+
+        res = minimize(f, z0, jac=True, method="L-BFGS-B", bounds=[(np.log(1e-6), 0)] * n + [(1 / r, 1)] * n)
+        q = np.exp(np.minimum(res.x[:n], 0))
+        k = np.clip(np.round(res.x[n:] * r), 1, r).astype(int)
+        k = np.maximum(k, np.clip(np.ceil(r * L / q - 1e-9), 1, r).astype(int))
+        q, v = _refit_q(pr, q, k / r)
+        while True:
+            moved = False
+            for i, d in itertools.product(range(n), (-1, 1)):
+                kk = k.copy()
+                kk[i] += d
+                if not 1 <= kk[i] <= r or np.any(q * kk / r < L * (1 - 1e-12)):
+                    continue
+                v2 = objective(q, kk / r, pr)
+                if v2 < v * (1 - 1e-9):
+                    k, v, moved = kk, v2, True
+            if not moved:
+                break
+            q, v = _refit_q(pr, q, k / r)
+        if v < best[0]:
+            best = (v, q, k)
+    return best
+
+
+# --------------------------------------------------------------------------- Theorem 2
+@pytest.mark.parametrize("seed", range(4))
+def test_theorem2_bound_dominates_monte_carlo(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(2, 12))
+    cm = ComputeModel("affine", 0.3) if seed % 2 else LINEAR
+    pr = make_problem(n, 100 + seed, r=8, cm=cm, bw=float(rng.choice([0.1, 1.0, 10.0])))
+    q = rng.uniform(0.05, 1.0, n)
+    s = rng.integers(1, 9, n) / 8
+    bound = round_time_bound_s(pr.compute_s(s), pr.upload_s_hz_at(s), q, pr.bandwidth_hz)
+    mean, se = monte_carlo_round_time_s(q, s, pr, rounds=3000, seed=seed)
+    assert se > 0
+    assert mean <= bound + 3 * se
+    # and the first term alone (exact E[max t_cp]) is a lower bound
+    assert expected_max_compute_s(pr.compute_s(s), q) <= mean + 3 * se
+
+
+def test_monte_carlo_is_reproducible_and_counts_empty_rounds():
+    pr = make_problem(3, 1)
+    q = np.full(3, 1e-3)
+    a = monte_carlo_round_time_s(q, np.ones(3), pr, rounds=200, seed=5)
+    assert a == monte_carlo_round_time_s(q, np.ones(3), pr, rounds=200, seed=5)
+    assert a[0] < 1.0  # almost every round empty -> T = 0
+
+
+# --------------------------------------------------------------------------- P2 pieces
+def test_rounds_factor_and_lower_bound_formulas():
+    p = np.array([0.5, 0.3, 0.2])
+    q = np.array([0.5, 1.0, 0.25])
+    s = np.array([1.0, 0.5, 0.25])
+    k = BoundConstants(2.0, 3.0, 0.5, 1.5)
+    X = np.sum(p ** 2 / q)
+    Y = np.sum(p ** 2 / (q * s))
+    assert rounds_factor(q, s, p, k) == pytest.approx((2 + 1.5 * X) / (3 - 0.5 * Y))
+    np.testing.assert_allclose(q_lower_bound(s, p, k), 3 * 0.5 * p ** 2 / (3.0 * s))
+    assert rounds_factor(np.full(3, 0.01), s, p, k) == math.inf  # denominator <= 0
+    # at the lower bounds exactly the denominator is 0
+    lb = q_lower_bound(s, p, k)
+    assert rounds_factor(lb, s, p, k) == math.inf
+    with pytest.raises(ValueError):
+        BoundConstants(1.0, 0.0, 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- optimality
+BRUTE_CASES = [  # (n, seed, r, gamma, compute model, bandwidth)
+    (3, 0, 4, 0.05, LINEAR, 1.0),
+    (3, 1, 4, 0.3, ComputeModel("affine", 0.3), 0.1),
+    (3, 2, 4, 0.6, LINEAR, 10.0),
+    (3, 3, 4, 0.1, ComputeModel("affine", 0.5), 1.0),
+    (3, 157, 4, 0.6, ComputeModel("affine", 0.23), 1.0),
+    (4, 4, 3, 0.1, LINEAR, 1.0),
+    (4, 6, 3, 0.3, ComputeModel("affine", 0.2), 0.3),
+]
+
+
+@pytest.mark.parametrize("n,seed,r,gamma,cm,bw", BRUTE_CASES)
+def test_plan_matches_brute_force(n, seed, r, gamma, cm, bw):
+    pr = make_problem(n, seed, r=r, gamma=gamma, cm=cm, bw=bw, comp_sigma=0.8, link_sigma=1.2, dir_a=2.0)
+    best, _q, _k = brute_force(pr)
+    pl = plan(pr)
+    check_plan_constraints(pl, pr)
+    assert pl.objective <= 1.02 * best, (pl.objective, best, pl.ranks, _k)
+
+
+def test_plan_matches_brute_force_with_identical_clients():
+    # two identical clients plus a slow one: identical clients move together in the s-step
+    p = np.array([0.3, 0.3, 0.4])
+    pr = PlanProblem(p, [10.0, 10.0, 25.0], [12.0, 12.0, 6.0], 1.0, 4, ComputeModel("affine", 0.3),
+                     BoundConstants(1.0, 1.0, 0.3, 1.2))
+    best, _q, _k = brute_force(pr)
+    pl = plan(pr)
+    check_plan_constraints(pl, pr)
+    assert pl.ranks[0] == pl.ranks[1]
+    assert pl.objective <= 1.02 * best
+
+
+@pytest.mark.parametrize("seed,gamma,cm,bw", [(0, 0.02, LINEAR, 1.0), (1, 0.1, ComputeModel("affine", 0.3), 0.2),
+                                              (2, 0.05, LINEAR, 5.0)])
+def test_plan_matches_multistart_n20(seed, gamma, cm, bw):
+    pr = make_problem(20, seed, r=8, gamma=gamma, cm=cm, bw=bw)
+    pl = plan(pr)
+    check_plan_constraints(pl, pr)
+    ref, _q, _k = multistart(pr, restarts=10, seed=seed)
+    assert pl.objective <= 1.02 * ref, (pl.objective, ref)
+
+
+def test_plan_without_surrogate_and_argument_checks():
+    pr = make_problem(10, 5, r=4)
+    full = plan(pr)
+    fast = plan(pr, grid_points=0)  # q-steps by L-BFGS-B polish only
+    check_plan_constraints(fast, pr)
+    assert fast.objective <= 1.02 * full.objective
+    one_iter = plan(pr, max_iters=1)
+    assert one_iter.iterations == 1 and one_iter.objective >= full.objective * (1 - 1e-9)
+    for bad in ({"grid_points": 1}, {"grid_points": -2}, {"max_iters": 0}, {"max_iters": 1.5}):
+        with pytest.raises(ValueError):
+            plan(pr, **bad)
+
+
+def test_plan_beats_baselines():
+    pr = make_problem(30, 7, r=8, bw=0.5)
+    pl = plan(pr)
+    n = pr.num_clients
+    for q in (np.full(n, 0.5), np.ones(n), np.clip(pr.data_share * n / 2, 0.05, 1)):
+        for s in (np.ones(n), np.full(n, 0.5)):
+            assert pl.objective < objective(q, s, pr)
+
+
+# --------------------------------------------------------------------------- properties
+@pytest.mark.parametrize("seed", [11, 12])
+def test_constraints_hold_with_binding_lower_bounds(seed):
+    # large gamma: the Appendix-C bound is active for some clients at the plan
+    pr = make_problem(12, seed, r=8, gamma=0.9, dir_a=2.0)
+    check_feasible(pr)
+    pl = plan(pr)
+    check_plan_constraints(pl, pr)
+    lb = q_lower_bound(pl.sketch_ratio, pr.data_share, pr.constants)
+    assert np.any(pl.participation_prob <= lb * (1 + 1e-6))
+
+
+def test_deterministic():
+    pr = make_problem(15, 3, r=8, cm=ComputeModel("affine", 0.25))
+    a, b = plan(pr), plan(pr)
+    np.testing.assert_array_equal(a.participation_prob, b.participation_prob)
+    np.testing.assert_array_equal(a.ranks, b.ranks)
+    assert a.objective == b.objective
+
+
+def test_symmetric_clients_get_identical_plans():
+    n = 6
+    pr = PlanProblem(np.full(n, 1 / n), np.full(n, 12.0), np.full(n, 30.0), 1.0, 8, LINEAR,
+                     BoundConstants(1.0, 1.0, 0.2, 1.0))
+    pl = plan(pr)
+    check_plan_constraints(pl, pr)
+    assert np.all(pl.ranks == pl.ranks[0])
+    np.testing.assert_allclose(pl.participation_prob, pl.participation_prob[0], rtol=1e-12)
+    # two groups of identical clients inside a heterogeneous population
+    p = np.array([0.2, 0.2, 0.1, 0.1, 0.25, 0.15])
+    c = np.array([5.0, 5.0, 20.0, 20.0, 8.0, 3.0])
+    u = np.array([10.0, 10.0, 4.0, 4.0, 50.0, 7.0])
+    pl2 = plan(PlanProblem(p, c, u, 1.0, 8, LINEAR, BoundConstants(1.0, 1.0, 0.1, 1.0)))
+    for i, j in ((0, 1), (2, 3)):
+        assert pl2.ranks[i] == pl2.ranks[j]
+        assert pl2.participation_prob[i] == pytest.approx(pl2.participation_prob[j], rel=1e-12)
+
+
+def _scaled(pr: PlanProblem, time_factor=1.0, bw_factor=1.0) -> PlanProblem:
+    return PlanProblem(pr.data_share, pr.compute_time_s * time_factor, pr.upload_s_hz * time_factor * bw_factor,
+                       pr.bandwidth_hz * bw_factor, pr.rank, pr.compute_model, pr.constants)
+
+
+def test_bandwidth_units_do_not_change_the_plan():
+    pr = make_problem(12, 21, r=8, cm=ComputeModel("affine", 0.2))
+    a = plan(pr)
+    b = plan(_scaled(pr, bw_factor=7.3e6))  # e.g. "units" -> Hz
+    np.testing.assert_array_equal(a.ranks, b.ranks)
+    np.testing.assert_allclose(a.participation_prob, b.participation_prob, rtol=1e-9)
+    assert b.objective == pytest.approx(a.objective, rel=1e-9)
+
+
+def test_time_scaling_scales_objective_only():
+    pr = make_problem(12, 22, r=8)
+    a = plan(pr)
+    for factor in (3.7, 1e-3):
+        b = plan(_scaled(pr, time_factor=factor))
+        np.testing.assert_array_equal(a.ranks, b.ranks)
+        np.testing.assert_allclose(a.participation_prob, b.participation_prob, rtol=1e-9)
+        assert b.objective == pytest.approx(factor * a.objective, rel=1e-9)
+        assert b.expected_round_time_s == pytest.approx(factor * a.expected_round_time_s, rel=1e-9)
+
+
+def test_constant_scaling_does_not_change_the_plan():
+    pr = make_problem(8, 23, r=4)
+    k = pr.constants
+    pr2 = PlanProblem(pr.data_share, pr.compute_time_s, pr.upload_s_hz, pr.bandwidth_hz, pr.rank, pr.compute_model,
+                      BoundConstants(4 * k.alpha, 4 * k.beta, 4 * k.gamma, 4 * k.delta))
+    a, b = plan(pr), plan(pr2)
+    np.testing.assert_array_equal(a.ranks, b.ranks)
+    np.testing.assert_allclose(a.participation_prob, b.participation_prob, rtol=1e-9)
+
+
+def test_small_edge_cases():
+    one = PlanProblem([1.0], [5.0], [3.0], 1.0, 4, LINEAR, BoundConstants(1.0, 1.0, 0.1, 1.0))
+    check_plan_constraints(plan(one), one)
+    r1 = make_problem(5, 4, r=1)
+    pl = plan(r1)
+    check_plan_constraints(pl, r1)
+    assert np.all(pl.ranks == 1)
+    no_upload = PlanProblem([0.5, 0.5], [5.0, 9.0], [0.0, 0.0], 1.0, 4, LINEAR, BoundConstants(1.0, 1.0, 0.1, 1.0))
+    check_plan_constraints(plan(no_upload), no_upload)
+
+
+def test_infeasible_constants_raise_with_message():
+    p = np.full(4, 0.25)
+    c, u = np.full(4, 1.0), np.full(4, 1.0)
+    # beta - gamma * sum p^2 <= 0 even at q = s = 1
+    bad = PlanProblem(p, c, u, 1.0, 4, LINEAR, BoundConstants(1.0, 1.0, 5.0, 1.0))
+    with pytest.raises(InfeasiblePlan, match="gamma"):
+        plan(bad)
+    # Appendix-C bound above 1 for a dominant client
+    p2 = np.array([0.85, 0.05, 0.05, 0.05])
+    bad2 = PlanProblem(p2, c, u, 1.0, 4, LINEAR, BoundConstants(1.0, 1.0, 0.5, 1.0))
+    with pytest.raises(InfeasiblePlan, match="client"):
+        check_feasible(bad2)
+    assert issubclass(InfeasiblePlan, ValueError)
+
+
+def test_problem_validation():
+    with pytest.raises(ValueError, match="sum to 1"):
+        PlanProblem([0.5, 0.6], [1, 1], [1, 1], 1.0, 4, LINEAR, BoundConstants(1, 1, 0.1, 1))
+    with pytest.raises(ValueError, match="rank"):
+        PlanProblem([0.5, 0.5], [1, 1], [1, 1], 1.0, 0, LINEAR, BoundConstants(1, 1, 0.1, 1))
+    with pytest.raises(ValueError, match="compute_time_s"):
+        PlanProblem([0.5, 0.5], [1, -1], [1, 1], 1.0, 4, LINEAR, BoundConstants(1, 1, 0.1, 1))
+
+
+# --------------------------------------------------------------------------- pilots
+TRUE = BoundConstants(alpha=40.0, beta=2.0, gamma=0.3, delta=6.0)
+P_SHARE = np.random.default_rng(0).dirichlet(np.ones(10))
+SETTINGS = [(1.0, 1.0), (0.5, 0.5), (0.2, 1.0), (0.8, 0.25), (0.35, 0.75), (0.6, 0.125)]
+
+
+def pilots_from_model(k: BoundConstants, settings, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for q, s in settings:
+        R = rounds_factor(np.full(P_SHARE.size, q), np.full(P_SHARE.size, s), P_SHARE, k)
+        out.append(PilotObservation(q, s, R * (1 + noise * rng.standard_normal())))
+    return out
+
+
+def _normalized(k: BoundConstants):
+    return np.array([k.alpha, k.beta, k.gamma, k.delta]) / k.beta
+
+
+def test_estimate_constants_exact_four_pilots():
+    est = estimate_constants(pilots_from_model(TRUE, SETTINGS[:4]), P_SHARE)
+    np.testing.assert_allclose(_normalized(est.constants), _normalized(TRUE), rtol=1e-7)
+    assert est.constants.beta == 1.0
+    assert est.singular_values.shape == (4,)
+    assert est.residual < 1e-8
+    assert math.isfinite(est.condition_number)
+
+
+def test_estimate_constants_least_squares_with_noise():
+    est = estimate_constants(pilots_from_model(TRUE, SETTINGS, noise=1e-3, seed=1), P_SHARE)
+    np.testing.assert_allclose(_normalized(est.constants), _normalized(TRUE), rtol=0.15)
+    # the estimate predicts the rounds well, which is what the planner uses
+    for q, s in SETTINGS:
+        qq, ss = np.full(P_SHARE.size, q), np.full(P_SHARE.size, s)
+        assert rounds_factor(qq, ss, P_SHARE, est.constants) == pytest.approx(
+            rounds_factor(qq, ss, P_SHARE, TRUE), rel=0.01)
+
+
+def test_estimate_constants_rejects_degenerate_design():
+    same = [PilotObservation(0.5, 0.5, 100.0 + i) for i in range(4)]
+    with pytest.raises(ConstantEstimationError, match="degenerate|ill-conditioned"):
+        estimate_constants(same, P_SHARE)
+    with pytest.raises(ConstantEstimationError, match="at least 4"):
+        estimate_constants(same[:3], P_SHARE)
+
+
+def test_estimate_constants_rejects_non_positive_estimates():
+    # rounds that fall as participation falls contradict the model (gamma < 0 here)
+    with np.errstate(all="ignore"):
+        contra = []
+        for q, s in SETTINGS[:4]:
+            X = np.sum(P_SHARE ** 2) / q
+            Y = X / s
+            contra.append(PilotObservation(q, s, (40.0 + 6.0 * X) / (2.0 + 0.3 * Y)))
+    with pytest.raises(ConstantEstimationError, match="positive"):
+        estimate_constants(contra, P_SHARE)

@@ -1,0 +1,328 @@
+"""Report numbers from synthetic run folders equal hand-computed ones; plots; bad input; real compare."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedlora import report as rp
+from fedlora.cli import app
+from fedlora.config import InputError, RunConfig, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+A, B = "ARC-Easy", "social_i_qa"
+runner = CliRunner()
+
+
+def row(r, t, up=0, down=0, ev=None, mean=None):
+    out = {"round": r, "sim_time_s": float(t), "round_time_s": 0.0, "participants": [], "upload_bytes": up,
+           "download_bytes": down, "train_loss": None, "rejected": []}
+    if ev is not None:
+        out["eval"] = ev
+        out["eval_mean"] = mean if mean is not None else sum(ev.values()) / len(ev)
+    return out
+
+
+def write_run(path: Path, rows, *, method="manual", seed=0, target=None, final=None, stop="max_rounds",
+              finished=True, **cfg_changes):
+    cfg = RunConfig(method=method, seed=seed)
+    cfg.train.target_accuracy = target
+    for k, v in cfg_changes.items():
+        setattr(cfg.train, k, v)
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(dump_config(cfg))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        final = final or rows[-1].get("eval") or {A: 0.5, B: 0.5}
+        result = {"method": method, "seed": seed, "stop_reason": stop, "rounds": rows[-1]["round"],
+                  "sim_time_s": rows[-1]["sim_time_s"], "upload_bytes": sum(r["upload_bytes"] for r in rows),
+                  "download_bytes": sum(r["download_bytes"] for r in rows), "final_eval": final,
+                  "final_eval_mean": sum(final.values()) / len(final), "time_to_target_s": None}
+        (path / "result.json").write_text(json.dumps(result))
+    return path
+
+
+# Evaluated at rounds 0, 2, 4, 5; rounds 1 and 3 have no eval.
+ROWS = [row(0, 0, ev={A: 0.25, B: 0.25}, mean=0.25),
+        row(1, 10, 100, 50),
+        row(2, 25, 100, 50, ev={A: 0.5, B: 0.7}, mean=0.6),
+        row(3, 40, 120, 50),
+        row(4, 55, 120, 50, ev={A: 0.65, B: 0.55}, mean=0.6),
+        row(5, 70, 80, 50, ev={A: 0.8, B: 0.6}, mean=0.7)]
+
+
+def test_time_to_target_first_evaluation_at_or_above():
+    assert rp.time_to_target(ROWS, 0.6) == 25.0  # eval_mean 0.6 at round 2
+    assert rp.time_to_target(ROWS, 0.6, A) == 55.0
+    assert rp.time_to_target(ROWS, 0.6, B) == 25.0
+    assert rp.time_to_target(ROWS, 0.61) == 70.0
+    assert rp.time_to_target(ROWS, 0.75) is None  # not reached
+    assert rp.time_to_target(ROWS, 0.2) == 0.0  # before training counts
+    assert rp.time_to_target(ROWS, {A: 0.6, B: 0.6}) == 70.0  # all at once: round 4 fails on B
+    assert rp.time_to_target(ROWS, {A: 0.6}) == 55.0
+    assert rp.time_to_target(ROWS, None) is None
+
+
+def test_run_summary_float_target_from_config(tmp_path):
+    write_run(tmp_path / "one", ROWS, target=0.6)
+    s = rp.summarize([rp.load_run(tmp_path / "one")])
+    assert s["target"] == 0.6 and s["target_keys"] == [A, B, "mean"] and s["primary_target"] == "mean"
+    m = s["methods"]["manual"]
+    assert m["n"] == 1 and m["finished"] == 1
+    assert {k: v["mean"] for k, v in m["time_to_target_s"].items()} == {A: 55.0, B: 25.0, "mean": 25.0}
+    assert m["time_to_target_s"]["mean"]["std"] == 0.0
+    assert m["upload_to_target_bytes"]["mean"]["mean"] == 200  # rounds 1 + 2
+    assert m["upload_to_target_bytes"][A]["mean"] == 440
+    assert m["upload_bytes"]["mean"] == 520 and m["download_bytes"]["mean"] == 250
+    assert m["rounds"]["mean"] == 5
+    assert math.isclose(m["final_eval_mean"]["mean"], 0.7)
+    assert m["final_eval"][A]["mean"] == 0.8
+    assert m["speedup"]["mean"] is None  # nobody to compare with
+
+
+def test_override_targets_and_per_task_dict(tmp_path):
+    write_run(tmp_path / "r", ROWS, target={A: 0.6, B: 0.6})
+    run = rp.load_run(tmp_path / "r")
+    s = rp.summarize([run])  # dict from config.yaml: each task and all at once
+    assert s["target_keys"] == [A, B, "all"] and s["primary_target"] == "all"
+    t = s["methods"]["manual"]["time_to_target_s"]
+    assert (t[A]["mean"], t[B]["mean"], t["all"]["mean"]) == (55.0, 25.0, 70.0)
+    s = rp.summarize([run], target=rp.parse_target("ARC-Easy=0.8,social_i_qa=0.7"))
+    t = s["methods"]["manual"]["time_to_target_s"]
+    assert (t[A]["mean"], t[B]["mean"], t["all"]["mean"]) == (70.0, 25.0, None)
+    assert t["all"]["reached"] == 0 and t["all"]["of"] == 1
+    s = rp.summarize([run], target=0.65)
+    t = s["methods"]["manual"]["time_to_target_s"]
+    assert (t[A]["mean"], t[B]["mean"], t["mean"]["mean"]) == (55.0, 25.0, 70.0)
+    assert rp.parse_target("0.6") == 0.6
+    assert rp.parse_target(" openbookqa=0.6 ") == {"openbookqa": 0.6}
+    for bad in ("abc", "1.5", "0", "A=", "A=x", "A=0.5,,B=0.4", "A=2"):
+        with pytest.raises(InputError):
+            rp.parse_target(bad)
+    with pytest.raises(InputError, match="openbookqa"):
+        rp.summarize([run], target={"openbookqa": 0.6})
+
+
+def seed_rows(seed, t_reach, final_mean):
+    """Evaluations at rounds 0, 2, 4; reaches mean 0.6 at round 2 when t_reach is given."""
+    up = 1000 * (seed + 1)
+    second = 0.6 if t_reach is not None else 0.4
+    return [row(0, 0, ev={A: 0.3, B: 0.3}),
+            row(1, 5, up, 10),
+            row(2, t_reach or 50, up, 10, ev={A: second, B: second}),
+            row(3, 90, up, 10),
+            row(4, 100, up, 10, ev={A: final_mean, B: final_mean})]
+
+
+def make_three_methods(root: Path):
+    # a: 3 seeds, all reach 0.6 (at 30, 40, 60 s); b: 2 of 3 reach (20, 50); c: 1 seed, 65 s.
+    for seed, t, fin in ((0, 30, 0.6), (1, 40, 0.7), (2, 60, 0.8)):
+        write_run(root / "a" / f"seed{seed}", seed_rows(seed, t, fin), method="a", seed=seed, target=0.6,
+                  final={A: fin, B: fin})
+    for seed, t in ((0, 20), (1, None), (2, 50)):
+        write_run(root / "b" / f"seed{seed}", seed_rows(seed, t, 0.55), method="b", seed=seed, target=0.6,
+                  final={A: 0.5, B: 0.6})
+    write_run(root / "c", seed_rows(0, 65, 0.62), method="c", seed=0, target=0.6, final={A: 0.6, B: 0.64})
+
+
+def test_mean_std_over_seeds_and_speedup(tmp_path):
+    make_three_methods(tmp_path)
+    runs = [rp.load_run(p) for p in rp.find_runs([tmp_path])]
+    assert len(runs) == 7
+    s = rp.summarize(runs)
+    a, b, c = (s["methods"][k] for k in "abc")
+    ta = a["time_to_target_s"]["mean"]
+    mean_a = (30 + 40 + 60) / 3
+    std_a = math.sqrt(((30 - mean_a) ** 2 + (40 - mean_a) ** 2 + (60 - mean_a) ** 2) / 2)
+    assert ta["n"] == 3 and ta["reached"] == 3 and ta["of"] == 3
+    assert math.isclose(ta["mean"], mean_a) and math.isclose(ta["std"], std_a)
+    assert (ta["min"], ta["max"]) == (30.0, 60.0)
+    tb = b["time_to_target_s"]["mean"]
+    assert tb["reached"] == 2 and tb["of"] == 3 and tb["values"] == [20.0, None, 50.0]
+    assert math.isclose(tb["mean"], 35.0) and math.isclose(tb["std"], math.sqrt(2 * 15 ** 2))
+    # final accuracy over seeds: 0.6, 0.7, 0.8
+    assert math.isclose(a["final_eval_mean"]["mean"], 0.7) and math.isclose(a["final_eval_mean"]["std"], 0.1)
+    assert math.isclose(b["final_eval"][B]["mean"], 0.6) and b["final_eval"][B]["std"] == 0.0
+    # bytes: 4 rounds x 1000 (seed + 1) -> 4000, 8000, 12000
+    assert a["upload_bytes"]["mean"] == 8000 and math.isclose(a["upload_bytes"]["std"], 4000)
+    assert a["download_bytes"]["mean"] == 40 and a["rounds"]["mean"] == 4
+    assert a["seeds"] == [0, 1, 2] and a["stop_reasons"] == {"max_rounds": 3}
+    # speedup: only groups whose every run reached count; a vs c and c vs a
+    assert a["speedup"]["mean"] == {"value": pytest.approx(65 / mean_a), "vs": "c"}
+    assert c["speedup"]["mean"] == {"value": pytest.approx(mean_a / 65), "vs": "a"}
+    assert b["speedup"]["mean"] is None
+    s = rp.summarize(runs, baseline="c")
+    assert s["methods"]["a"]["speedup"]["mean"]["value"] == pytest.approx(65 / mean_a)
+    assert s["methods"]["c"]["speedup"]["mean"] == {"value": 1.0, "vs": "c"}
+    md = rp.render_markdown(s)
+    assert "| b | 3 | 35.0 ± 21.2 (2/3) |" in md
+    assert f"| a | 3 | {mean_a:.1f} ± {std_a:.1f} |" in md
+    assert "1.50× vs c" in md
+
+
+def test_report_writes_files_and_plots(tmp_path):
+    make_three_methods(tmp_path / "cmp")
+    write_run(tmp_path / "cmp" / "d", seed_rows(0, None, 0.5), method="d", target=0.6, finished=False)
+    result = runner.invoke(app, ["report", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    assert "| method |" in result.stdout and "not reached" in result.stdout
+    assert "| d | 1 (1 unfinished) |" in result.stdout
+    for name in ("summary.json", "summary.md", *rp.PLOTS):
+        f = tmp_path / "cmp" / name
+        assert f.exists() and f.stat().st_size > 0, name
+    for name in rp.PLOTS:
+        data = (tmp_path / "cmp" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"a", "b", "c", "d"}
+    assert summary["methods"]["d"]["finished"] == 0 and summary["methods"]["d"]["final_eval_mean"]["n"] == 0
+    assert "a/seed0" in summary["methods"]["a"]["runs"][0]
+    # several paths, --out elsewhere, --target override
+    other = tmp_path / "elsewhere"
+    result = runner.invoke(app, ["report", str(tmp_path / "cmp" / "a"), str(tmp_path / "cmp" / "c"),
+                                 "--out", str(other), "--target", "0.3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((other / "summary.json").read_text())
+    assert summary["target"] == 0.3 and set(summary["methods"]) == {"a", "c"}
+    assert summary["methods"]["a"]["time_to_target_s"]["mean"]["mean"] == 0.0
+    assert (other / "accuracy_vs_time.png").stat().st_size > 0
+
+
+def test_same_method_two_configs_gets_two_groups(tmp_path):
+    write_run(tmp_path / "x", ROWS, lr=0.01)
+    write_run(tmp_path / "y", ROWS, lr=0.02)
+    runs = [rp.load_run(p) for p in rp.find_runs([tmp_path])]
+    assert set(rp.summarize(runs)["methods"]) == {"manual@x", "manual@y"}
+
+
+def test_step_band():
+    grid, mean, lo, hi = rp.step_band([([0, 10, 20], [0.0, 0.5, 0.7]), ([0, 15], [0.1, 0.6])])
+    np.testing.assert_allclose(grid, [0, 10, 15, 20])
+    np.testing.assert_allclose(mean, [0.05, 0.3, 0.55, 0.65])
+    np.testing.assert_allclose(lo, [0.0, 0.1, 0.5, 0.6])
+    np.testing.assert_allclose(hi, [0.1, 0.5, 0.6, 0.7])
+
+
+def test_different_config_targets_need_override(tmp_path):
+    write_run(tmp_path / "p", ROWS, target=0.6, method="a")
+    write_run(tmp_path / "q", ROWS, target=0.7, method="b")
+    write_run(tmp_path / "n", ROWS, target=None, method="c")
+    runs = [rp.load_run(p) for p in rp.find_runs([tmp_path])]
+    with pytest.raises(InputError, match="--target"):
+        rp.summarize(runs)
+    assert rp.summarize(runs, target=0.65)["target"] == 0.65
+    no_target = [r for r in runs if r.method == "c"]
+    assert rp.summarize(no_target)["target"] is None  # no target: no time-to-target columns
+    md = rp.render_markdown(rp.summarize(no_target))
+    assert "No target accuracy" in md and "time to" not in md
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_input_exits_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(runner.invoke(app, ["report", str(tmp_path / "empty")]), "no run folders")
+    one_line_error(runner.invoke(app, ["report", str(tmp_path / "missing")]), "not found")
+    bad = write_run(tmp_path / "bad", ROWS)
+    lines = (bad / "metrics.jsonl").read_text().splitlines()
+    lines[2] = '{"round": 2, "sim_time_s": 25.0, '  # truncated line 3
+    (bad / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    one_line_error(runner.invoke(app, ["report", str(bad)]), "metrics.jsonl", "line 3")
+    lines[2] = '{"sim_time_s": 25.0}'
+    (bad / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    one_line_error(runner.invoke(app, ["report", str(bad)]), "line 3", "round")
+    good = write_run(tmp_path / "good", ROWS)
+    one_line_error(runner.invoke(app, ["report", str(good), "--target", "1.5"]), "--target")
+    one_line_error(runner.invoke(app, ["report", str(good), "--target", "nope=0.5"]), "nope")
+    one_line_error(runner.invoke(app, ["report", str(good), "--baseline", "zzz"]), "zzz", "manual")
+    (good / "result.json").write_text("{not json")
+    one_line_error(runner.invoke(app, ["report", str(good)]), "result.json")
+    # compare: unknown method, bad seeds -> exit 2, nothing written
+    out = tmp_path / "cmp"
+    one_line_error(runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), "--methods", "manual,nosuch"]),
+                   "nosuch", "manual")
+    one_line_error(runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), "--seeds", "0,x"]), "--seeds")
+    assert not out.exists()
+
+
+def test_compare_two_methods_then_skip(tmp_path):
+    from fedlora.compare import compare
+    from fedlora.methods import METHODS
+
+    preferred = ["sample_uniform", "sample_fixed", "sample_full", "rank_full", "fslora", "hetlora", "flexlora",
+                 "flora", "soft"]
+    others = [m for m in preferred if m in METHODS] + sorted(m for m in METHODS if m not in preferred + ["manual"])
+    overrides = ["train.rounds=2", "eval.max_examples=16", "eval.final_max_examples=16",
+                 "data.max_train_per_task=60"]
+    cfg = load_config(SMOKE, overrides)
+    out = tmp_path / "cmp"
+    if others:
+        methods, seeds = ["manual", others[0]], None
+        folders = [out / "manual", out / others[0]]
+        args = ["--methods", ",".join(methods)]
+    else:
+        methods, seeds = ["manual"], [0, 1]
+        folders = [out / "manual" / "seed0", out / "manual" / "seed1"]
+        args = ["--methods", "manual", "--seeds", "0,1"]
+    lines = []
+    paths = compare(cfg, out, methods, seeds, progress=False, log=lines.append)
+    assert paths == folders
+    assert sum("running" in ln for ln in lines) == 2, lines
+    mtimes = {}
+    for f in folders:
+        res = json.loads((f / "result.json").read_text())
+        assert res["rounds"] == 2 and res["method"] == f.relative_to(out).parts[0]
+        mtimes[f] = (f / "result.json").stat().st_mtime_ns
+    if seeds is None:  # same clients for every method: identical client profiles and data split
+        assert (folders[0] / "clients.json").read_text() == (folders[1] / "clients.json").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"][methods[0]]["n"] == (2 if seeds else 1)
+    assert (out / "accuracy_vs_time.png").stat().st_size > 0
+
+    result = runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), *args, *overrides])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("skipped") == 2, result.stderr
+    assert "| method |" in result.stdout
+    for f in folders:
+        assert (f / "result.json").stat().st_mtime_ns == mtimes[f]  # not rerun
+    # a changed config does not silently reuse the finished runs
+    result = runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), *args, *overrides, "train.lr=0.5"])
+    one_line_error(result, "config.yaml", "train.lr")
+
+
+def test_compare_plans_skip_resume_restart(tmp_path):
+    from fedlora.compare import parse_names, parse_seeds, plan_jobs
+
+    cfg = RunConfig()
+    out = tmp_path / "cmp"
+    done = out / "manual" / "seed0"
+    done.mkdir(parents=True)
+    c0 = cfg.model_copy(deep=True)
+    (done / "config.yaml").write_text(dump_config(c0))
+    (done / "result.json").write_text("{}")
+    stopped = out / "manual" / "seed1"
+    (stopped / "checkpoint").mkdir(parents=True)
+    (stopped / "checkpoint" / "progress.json").write_text("{}")
+    c1 = cfg.model_copy(deep=True)
+    c1.seed = 1
+    (stopped / "config.yaml").write_text(dump_config(c1))
+    early = out / "manual" / "seed2"
+    early.mkdir()
+    (early / "config.yaml").write_text("partial")
+    jobs = plan_jobs(cfg, out, ["manual"], [0, 1, 2, 3])
+    assert [j.state for j in jobs] == ["finished", "resume", "restart", "new"]
+    assert [j.cfg.seed for j in jobs] == [0, 1, 2, 3] and all(j.cfg.method == "manual" for j in jobs)
+    (early / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a run folder"):
+        plan_jobs(cfg, out, ["manual"], [2])
+    assert parse_seeds("0, 1,1") == [0, 1] and parse_names("all") is None and parse_names("a, b") == ["a", "b"]
