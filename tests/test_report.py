@@ -252,6 +252,8 @@ def test_bad_input_exits_2(tmp_path):
     one_line_error(runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), "--methods", "manual,nosuch"]),
                    "nosuch", "manual")
     one_line_error(runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), "--seeds", "0,x"]), "--seeds")
+    one_line_error(runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), "--baseline", "nosuch"]), "nosuch")
+    one_line_error(runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), "--target", "2"]), "--target")
     assert not out.exists()
 
 
@@ -262,8 +264,8 @@ def test_compare_two_methods_then_skip(tmp_path):
     preferred = ["sample_uniform", "sample_fixed", "sample_full", "rank_full", "fslora", "hetlora", "flexlora",
                  "flora", "soft"]
     others = [m for m in preferred if m in METHODS] + sorted(m for m in METHODS if m not in preferred + ["manual"])
-    overrides = ["train.rounds=2", "eval.max_examples=16", "eval.final_max_examples=16",
-                 "data.max_train_per_task=60"]
+    overrides = ["train.rounds=2", "train.local_steps=1", "train.batch_size=2", "eval.every=2",
+                 "eval.max_examples=8", "eval.final_max_examples=8", "data.max_train_per_task=60"]
     cfg = load_config(SMOKE, overrides)
     out = tmp_path / "cmp"
     if others:

@@ -147,6 +147,8 @@ def compare(cfg: RunConfig, out: str | Path, methods: Iterable[str] | None = Non
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     names = resolve_methods(methods)
+    if baseline is not None and write_report and baseline not in names and not (out / baseline).is_dir():
+        raise InputError(f"--baseline '{baseline}': not among the compared methods ({', '.join(names)})")
     if seeds is not None:
         seeds = list(dict.fromkeys(int(s) for s in seeds))
         if not seeds:
@@ -172,11 +174,10 @@ def compare(cfg: RunConfig, out: str | Path, methods: Iterable[str] | None = Non
             setup_seed = job.seed
         verb = {"resume": "resuming", "restart": "restarting", "new": "running"}[job.state]
         log(f"{tag}: {verb} -> {job.folder}")
-        shared = dataclasses.replace(setup, cfg=job.cfg)
-        if hasattr(setup.engine, "load_base_delta"):
-            setup.engine.load_base_delta({})  # the checkpoint (if any) reloads this run's own merges
+        # one setup per seed: same partition, profiles and model for every method (run()
+        # swaps in the method's config and resets or reloads merged base deltas itself)
         simulate.run(job.cfg, job.folder, resume=job.state == "resume", overwrite=job.state == "restart",
-                     progress=progress, setup=shared)
+                     progress=progress, setup=setup)
     if write_report:
         report([out], target=target, baseline=baseline)
     return [j.folder for j in jobs]

@@ -17,8 +17,9 @@ P2 (what ``plan`` minimises):
 
 ``plan`` is Algorithm 2: alternate a q-step (convex surrogate solved by cvxpy on a line
 search over the round-time level m, candidates ranked by the true F, best ones polished
-by L-BFGS-B on the true F) and an s-step (greedy integer coordinate descent on k_i with
-incremental O(log N) move evaluation), until F stops improving.
+by L-BFGS-B on the true F) and an s-step (greedy integer coordinate descent on k_i, each
+move re-fitting that client's q_i in closed form, incremental O(log N) move evaluation,
+plus block "cap" moves for stragglers), until F stops improving.
 """
 
 from __future__ import annotations
@@ -299,8 +300,9 @@ def monte_carlo_round_time_s(q, s, problem: PlanProblem, *, rounds: int, seed: i
 
 # --------------------------------------------------------------------------- fast internals
 class _TimeState:
-    """Sorted view of E[max_{i in S} t_i] for fixed (t, q), with cumulative integrals that
-    let the change of E from moving one client's time be read off in O(log N).
+    """Sorted view of E[max_{i in S} t_i] for fixed (t, q): the value E, the gradient
+    dE/dq_i, and cumulative integrals that let the effect of moving one client's time be
+    read off in O(log N) (``h``).
 
     G(t) = prod_{j: t_j > t} (1 - q_j) is P(max < t) (piecewise constant), so
     E = int_0^inf (1 - G). Moving client i from t_old to t_new changes E by
@@ -361,26 +363,6 @@ class _TimeState:
             t_old[:, 0], self.xp, self.ci0)[:, None]
         return below + np.maximum(above, 0.0)
 
-    def delta_e(self, idx: np.ndarray, t_new: np.ndarray) -> np.ndarray:
-        """Change of E when client idx[j] alone moves to t_new[j, ...] (broadcast over columns)."""
-        t_old = self.t[idx]
-        q = self.q[idx]
-        shape = t_new.shape
-        c0_new = np.interp(t_new.ravel(), self.xp, self.ci0).reshape(shape)
-        c0_old = np.interp(t_old, self.xp, self.ci0)
-        c1_new = np.interp(t_new.ravel(), self.xp, self.ci1).reshape(shape)
-        c1_old = np.interp(t_old, self.xp, self.ci1)
-        extra = (slice(None),) + (None,) * (len(shape) - 1)
-        qx = q[extra]
-        cx = (1.0 - q)[extra]
-        up = qx * (c0_new - c0_old[extra])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            down_nz = -qx / np.where(cx > 0, cx, 1.0) * (c0_old[extra] - c0_new)
-        down_z = -(c1_old[extra] - c1_new)
-        down = np.where(cx > 0, down_nz, down_z)
-        told = t_old[extra]
-        return np.where(t_new > told, up, np.where(t_new < told, down, 0.0))
-
 
 class _Core:
     """Normalised problem: beta = 1, times divided by the largest compute time; times and data
@@ -389,7 +371,6 @@ class _Core:
 
     def __init__(self, problem: PlanProblem):
         k = problem.constants
-        self.problem = problem
         self.n = n = problem.num_clients
         self.r = r = problem.rank
         self.alpha = k.alpha / k.beta
@@ -445,11 +426,6 @@ class _Core:
         s = self.s_grid[k - 1]
         st = _TimeState(self.tcp_tab[np.arange(self.n), k - 1], q, self.t_max)
         return st.E + float(np.dot(q, self.ub * s))
-
-    def rfac(self, q, k) -> float:
-        x, y, _ = self.parts(q, k)
-        den = 1.0 - self.gamma * y
-        return (self.alpha + self.delta * x) / den if den > 0 else math.inf
 
     def symmetrize(self, q: np.ndarray) -> np.ndarray:
         if not self.has_groups:
@@ -572,8 +548,9 @@ def _group_moves(core: _Core, cur: "_SState") -> tuple["_SState", bool]:
 
 def _cap_move(core: _Core, cur: "_SState", max_levels: int = 64) -> "_SState | None":
     """Block move for the straggler structure of E[max]: for a time cap tau (any compute
-    time some client reaches at some rank, below the current maximum), every client slower than tau drops to the
-    largest rank that meets tau (never below its Appendix-C minimum), q unchanged. Single
+    time some client reaches at some rank, below the current maximum), every client slower
+    than tau drops to the largest rank that meets tau (never below its Appendix-C minimum),
+    q unchanged. Single
     moves cannot do this when several clients share the role of the slowest (e.g. two
     clients with q = 1: lowering either alone leaves E[max] unchanged). Returns the best
     improving state, or None."""
@@ -658,7 +635,7 @@ class _QSolver:
     T(q) <= T(q0) + sum g_i (u_i - u0_i), g_i = (1 - q0_i) dT/dq_i; and
     u - u0 <= (1 - q0)/(1 - q) - 1 (equal with equal slope at q0), so
         M_{q0}(q) = T(q0) + sum g_i ((1 - q0_i) / (1 - q_i) - 1) >= T(q),
-    second-order-cone representable (no exponential cones: 3-5x faster solves). Every
+    second-order-cone representable (no exponential cones). Every
     candidate therefore really has T(q) <= m. The objective is the HM-AM (AM-GM) upper
     bound R = (lambda N)(1/(lambda D)) <= ((lambda N + 1/(lambda D)) / 2)^2, tight at
     lambda = 1/sqrt(N D); lambda is carried along the ascending m grid from the previous
@@ -846,7 +823,8 @@ def plan(problem: PlanProblem, *, max_iters: int = 20, grid_points: int = 10) ->
 
     ``grid_points=0`` skips the cvxpy surrogate (q-steps are then the L-BFGS-B polish
     alone); on 95 random instances (N = 3..50) this gave the same objectives, about 9x
-    faster; see docs/theory.md. Raises InfeasiblePlan when P2 has no feasible point.
+    faster (35x at N = 1000); see docs/theory.md. Raises InfeasiblePlan when P2 has no
+    feasible point.
     """
     if isinstance(max_iters, bool) or int(max_iters) != max_iters or int(max_iters) < 1:
         raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}")
@@ -984,12 +962,14 @@ def estimate_constants(pilots: Sequence[PilotObservation], data_share, *, max_co
     if theta[1] < 0:
         theta = -theta
     names = ("alpha", "beta", "gamma", "delta")
-    bad = [f"{nm}={v:.4g}" for nm, v in zip(names, theta) if not v > 0]
-    if bad or not theta[1] > 0:
+    shown = theta / theta[1] if theta[1] > 0 else theta / np.max(np.abs(theta))
+    if not np.all(theta > 0):
+        got = ", ".join(f"{nm}={v:.4g}" for nm, v in zip(names, shown))
         raise ConstantEstimationError(
-            "estimated constants must all be positive but got " + ", ".join(bad or [f"beta={theta[1]:.4g}"]) +
-            " (scaled to beta = 1 where possible); the pilots contradict the model (e.g. more rounds with a "
-            "larger q or s, or noise larger than the effect) -- rerun pilots further apart or pass the constants directly")
+            f"estimated constants must all be positive, got {got} "
+            f"({'scaled to beta = 1' if theta[1] > 0 else 'scaled to max |.| = 1'}); the pilots contradict the "
+            "model (e.g. fewer rounds with a smaller q or s, or noise larger than the effect): rerun pilots "
+            "further apart in q and s, or pass the constants directly")
     theta = theta / theta[1]
     consts = BoundConstants(alpha=float(theta[0]), beta=1.0, gamma=float(theta[2]), delta=float(theta[3]))
     return ConstantEstimate(constants=consts, singular_values=_frozen(sv), condition_number=cond, residual=resid)

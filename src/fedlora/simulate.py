@@ -311,6 +311,103 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+# The pieces of one round, shared by `run` and the Flower engine (fedlora.flower).
+
+
+def start_run_folder(setup: Setup, method: Method, out: Path):
+    """Fresh run folder: config, clients, data, plan, round-0 eval row, first checkpoint.
+    Returns (initial adapter state, progress dict)."""
+    cfg = setup.cfg
+    write_atomic(out / "config.yaml", dump_config(cfg))
+    write_atomic(out / "clients.json", json.dumps(clients_json(setup), indent=1))
+    write_atomic(out / "data.json", json.dumps(setup.data_report, indent=1))
+    plan = method.plan()
+    if plan is not None:
+        write_atomic(out / "plan.json", json.dumps(plan, indent=1))
+    setup.engine.load_base_delta({})  # a shared engine may carry another run's merges
+    state = setup.engine.init_state(derived_seed(cfg.seed, STREAM_INIT))
+    acc, mean = evaluate(setup, state, setup.eval_questions)
+    row0 = {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "participants": [], "upload_bytes": 0,
+            "download_bytes": 0, "train_loss": None, "eval": acc, "eval_mean": mean}
+    write_atomic(out / "metrics.jsonl", json.dumps(row0) + "\n")
+    prog = {"next_round": 1, "sim_time_s": 0.0, "cpu_time_s": 0.0, "stop_reason": None,
+            "upload_bytes": 0, "download_bytes": 0}
+    if target_reached(cfg.train.target_accuracy, acc, mean):
+        prog["stop_reason"] = "target_accuracy"
+    save_checkpoint(out, state, method, setup.engine, prog)
+    return state, prog
+
+
+def local_train(setup: Setup, job, round_idx: int):
+    """One client's local training for `job` in round `round_idx` (the client side)."""
+    cfg = setup.cfg
+    return setup.engine.train_local(
+        job.start, scaling=job.scaling, batches=client_batches(setup, job.client_id, round_idx), lr=cfg.train.lr,
+        optimizer=cfg.train.optimizer, weight_decay=cfg.train.weight_decay,
+        regularizer=job.regularizer, max_grad_norm=cfg.train.max_grad_norm)
+
+
+def payload_ok(payload) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in payload.values())
+
+
+def client_update(setup: Setup, method: Method, job, round_idx: int):
+    """(payload, mean loss or None when the update is not finite, upload bits) of one client."""
+    res = local_train(setup, job, round_idx)
+    payload = method.client_payload(job, res.state)
+    bits = payload_values(payload) * setup.cfg.system.bytes_per_value * 8
+    if res.finite and payload_ok(payload):
+        return payload, float(np.mean(res.losses)), bits
+    return payload, None, bits
+
+
+def close_round(setup: Setup, method: Method, clock: RoundClock, prog: dict, t: int, state, rc, jobs: dict,
+                payloads: dict, losses: list, rejected: list, upload_bits: dict, *, history=None, stop_when=None,
+                extra: dict | None = None):
+    """Aggregate, advance the simulated clock, evaluate, decide whether to stop.
+
+    `jobs` are the round's participants (client id -> job). Returns (new state, metrics row
+    without cpu_time_s); updates `prog` in place."""
+    cfg = setup.cfg
+    bytes_per_value = cfg.system.bytes_per_value
+    rounds = cfg.train.rounds
+    state = method.aggregate(t, state, jobs, payloads)
+    ids = sorted(jobs)
+    download_values = rc.broadcast_values + sum(j.unicast_values for j in jobs.values())
+    times = clock.round_time(t, ids, [jobs[i].compute_ratio for i in ids], [upload_bits[i] for i in ids],
+                             download_values * bytes_per_value * 8, method.server_time_s())
+    prog["sim_time_s"] += times["round_time_s"]
+    up = int(sum(upload_bits[i] for i in jobs) // 8)
+    down = int(download_values * bytes_per_value)
+    prog["upload_bytes"] += up
+    prog["download_bytes"] += down
+    row = {"round": t, "sim_time_s": prog["sim_time_s"], **times, "participants": ids,
+           "upload_bytes": up, "download_bytes": down,
+           "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected, **(extra or {}),
+           **rc.info}
+    if t % cfg.eval.every == 0 or t == rounds:
+        acc, mean = evaluate(setup, state, setup.eval_questions)
+        row["eval"], row["eval_mean"] = acc, mean
+        if target_reached(cfg.train.target_accuracy, acc, mean):
+            prog["stop_reason"] = "target_accuracy"
+    if cfg.train.max_sim_time_s is not None and prog["sim_time_s"] >= cfg.train.max_sim_time_s \
+            and prog["stop_reason"] is None:
+        prog["stop_reason"] = "max_sim_time"
+    if stop_when is not None and prog["stop_reason"] is None and stop_when((history or []) + [row]):
+        prog["stop_reason"] = "stop_when"
+    if t == rounds and prog["stop_reason"] is None:
+        prog["stop_reason"] = "max_rounds"
+    return state, row
+
+
+def commit_round(out: Path, metrics, row: dict, state, method: Method, engine: Engine, prog: dict) -> None:
+    """Append the round's row to the open metrics.jsonl and checkpoint after it."""
+    metrics.write(json.dumps(row) + "\n")
+    metrics.flush()
+    prog["next_round"] = row["round"] + 1
+    save_checkpoint(out, state, method, engine, prog)
+
+
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
         setup: Setup | None = None, stop_when=None) -> dict:
     """Run one method on a config into the run folder `out`; returns the result dict.
@@ -343,23 +440,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     ckpt = load_checkpoint(out) if resume else None
     metrics_path = out / "metrics.jsonl"
     if ckpt is None:
-        write_atomic(out / "config.yaml", dump_config(cfg))
-        write_atomic(out / "clients.json", json.dumps(clients_json(setup), indent=1))
-        write_atomic(out / "data.json", json.dumps(setup.data_report, indent=1))
-        plan = method.plan()
-        if plan is not None:
-            write_atomic(out / "plan.json", json.dumps(plan, indent=1))
-        setup.engine.load_base_delta({})  # a shared engine may carry another run's merges
-        state = setup.engine.init_state(derived_seed(cfg.seed, STREAM_INIT))
-        acc, mean = evaluate(setup, state, setup.eval_questions)
-        row0 = {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "participants": [], "upload_bytes": 0,
-                "download_bytes": 0, "train_loss": None, "eval": acc, "eval_mean": mean}
-        write_atomic(metrics_path, json.dumps(row0) + "\n")
-        prog = {"next_round": 1, "sim_time_s": 0.0, "cpu_time_s": 0.0, "stop_reason": None,
-                "upload_bytes": 0, "download_bytes": 0}
-        if target_reached(cfg.train.target_accuracy, acc, mean):
-            prog["stop_reason"] = "target_accuracy"
-        save_checkpoint(out, state, method, setup.engine, prog)
+        state, prog = start_run_folder(setup, method, out)
     else:
         state, method_state, base_delta, prog = ckpt
         method.load_state_dict(method_state)
@@ -370,7 +451,6 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
         write_atomic(metrics_path, "".join(r + "\n" for r in rows))
 
     clock = RoundClock(setup)
-    bytes_per_value = cfg.system.bytes_per_value
     rounds = cfg.train.rounds
     bar = _progress(rounds, prog["next_round"] - 1, enabled=progress)
     last = {}
@@ -383,48 +463,17 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
             jobs = {j.client_id: j for j in rc.jobs}
             payloads, losses, rejected, upload_bits = {}, [], [], {}
             for i, job in jobs.items():
-                res = setup.engine.train_local(
-                    job.start, scaling=job.scaling, batches=client_batches(setup, i, t), lr=cfg.train.lr,
-                    optimizer=cfg.train.optimizer, weight_decay=cfg.train.weight_decay,
-                    regularizer=job.regularizer, max_grad_norm=cfg.train.max_grad_norm)
-                payload = method.client_payload(job, res.state)
-                upload_bits[i] = payload_values(payload) * bytes_per_value * 8
-                if res.finite and all(bool(torch.isfinite(v).all()) for v in payload.values()):
+                payload, loss, upload_bits[i] = client_update(setup, method, job, t)
+                if loss is not None:
                     payloads[i] = payload
-                    losses.append(float(np.mean(res.losses)))
+                    losses.append(loss)
                 else:
                     rejected.append(i)  # NaN/inf update: dropped, recorded, the run goes on
-            state = method.aggregate(t, state, jobs, payloads)
-            ids = sorted(jobs)
-            download_values = rc.broadcast_values + sum(j.unicast_values for j in rc.jobs)
-            times = clock.round_time(t, ids, [jobs[i].compute_ratio for i in ids], [upload_bits[i] for i in ids],
-                                     download_values * bytes_per_value * 8, method.server_time_s())
-            prog["sim_time_s"] += times["round_time_s"]
-            up = int(sum(upload_bits.values()) // 8)
-            down = int(download_values * bytes_per_value)
-            prog["upload_bytes"] += up
-            prog["download_bytes"] += down
-            row = {"round": t, "sim_time_s": prog["sim_time_s"], **times, "participants": ids,
-                   "upload_bytes": up, "download_bytes": down,
-                   "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected, **rc.info}
-            if t % cfg.eval.every == 0 or t == rounds:
-                acc, mean = evaluate(setup, state, setup.eval_questions)
-                row["eval"], row["eval_mean"] = acc, mean
-                if target_reached(cfg.train.target_accuracy, acc, mean):
-                    prog["stop_reason"] = "target_accuracy"
-            if cfg.train.max_sim_time_s is not None and prog["sim_time_s"] >= cfg.train.max_sim_time_s \
-                    and prog["stop_reason"] is None:
-                prog["stop_reason"] = "max_sim_time"
-            if stop_when is not None and prog["stop_reason"] is None and stop_when(history + [row]):
-                prog["stop_reason"] = "stop_when"
-            if t == rounds and prog["stop_reason"] is None:
-                prog["stop_reason"] = "max_rounds"
+            state, row = close_round(setup, method, clock, prog, t, state, rc, jobs, payloads, losses, rejected,
+                                     upload_bits, history=history, stop_when=stop_when)
             row["cpu_time_s"] = time.perf_counter() - cpu0
             prog["cpu_time_s"] += row["cpu_time_s"]
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            prog["next_round"] = t + 1
-            save_checkpoint(out, state, method, setup.engine, prog)
+            commit_round(out, metrics, row, state, method, setup.engine, prog)
             last = row
             if stop_when is not None:
                 history.append(row)
