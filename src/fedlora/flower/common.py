@@ -1,0 +1,155 @@
+"""Shared pieces of the Flower engine: run config, the per-process setup cache, wire format.
+
+Run config keys (`[tool.flwr.app.config]` of flower_app/pyproject.toml, or `flwr run
+--run-config`):
+  fedlora-config   path of the fedlora YAML run config (relative: to the working directory,
+                   else to the repository that holds the fedlora package)
+  overrides        space-separated dotted overrides, e.g. "train.rounds=2 seed=1"
+  out-dir          run folder the ServerApp writes (metrics.jsonl, clients.json, ...)
+  overwrite        replace an existing run folder (bool)
+  round-timeout    seconds the server waits for the replies of one round (missing after)
+  connect-timeout  seconds the server waits at start for every partition to answer the query
+Node config keys: partition-id (the fedlora client id), num-partitions (= data.num_clients).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import InputError, RunConfig, dump_config, load_config
+
+DEFAULTS = {"fedlora-config": "configs/smoke.yaml", "overrides": "", "out-dir": "runs/flower", "overwrite": True,
+            "round-timeout": 600.0, "connect-timeout": 300.0}
+
+# Methods whose client side cannot run from a message alone: SOFT's jobs carry a Python
+# regularizer, FLoRA merges into the server's base model (the nodes' bases would diverge).
+UNSUPPORTED_METHODS = {"soft": "its jobs carry a regularizer closure",
+                       "flora": "it merges updates into the base model, which nodes do not share"}
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[3]
+
+
+def resolve_path(p: str) -> Path:
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    alt = repo_root() / path
+    return alt if alt.exists() else path
+
+
+def setting(run_config, key: str):
+    return run_config.get(key, DEFAULTS[key]) if run_config is not None else DEFAULTS[key]
+
+
+def load_run_config(run_config) -> RunConfig:
+    """The fedlora RunConfig named by a Flower run config (raises InputError)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    path = resolve_path(str(setting(run_config, "fedlora-config")))
+    overrides = shlex.split(str(setting(run_config, "overrides") or ""))
+    cfg = load_config(path, overrides)
+    if cfg.method in UNSUPPORTED_METHODS:
+        raise InputError(f"field 'method': value '{cfg.method}' is not supported on the Flower engine "
+                         f"({UNSUPPORTED_METHODS[cfg.method]})")
+    return cfg
+
+
+def config_key(cfg: RunConfig) -> str:
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
+
+
+# One Setup (data partition, base model, profiles) per worker process and config: a Ray
+# actor or a long-lived process builds it once and reuses it for every message.
+_SETUPS: dict[str, object] = {}
+_LOCK = threading.Lock()
+
+
+def cached_setup(cfg: RunConfig):
+    from ..simulate import build_setup
+
+    key = config_key(cfg)
+    with _LOCK:
+        if key not in _SETUPS:
+            _quiet()
+            _SETUPS.clear()  # one model per process: a new config replaces the old one
+            _SETUPS[key] = build_setup(cfg)
+        return _SETUPS[key]
+
+
+def _quiet() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ------------------------------------------------------------------ wire format
+
+
+def state_to_tensors(state) -> dict[str, torch.Tensor]:
+    """AdapterState {module: (A, B)} -> {"module.A": A, "module.B": B} (contiguous, CPU)."""
+    out = {}
+    for name, (a, b) in state.items():
+        out[f"{name}.A"] = a.detach().cpu().contiguous()
+        out[f"{name}.B"] = b.detach().cpu().contiguous()
+    return out
+
+
+def tensors_to_state(flat: dict[str, torch.Tensor]):
+    names = sorted({k.rsplit(".", 1)[0] for k in flat})
+    return {n: (flat[f"{n}.A"], flat[f"{n}.B"]) for n in names}
+
+
+def array_record(tensors: dict[str, torch.Tensor]):
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def record_tensors(record) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+
+
+def expected_payload_shapes(start) -> dict[str, tuple[int, ...]]:
+    """Shapes of the default payload (change of every factor) of a job starting at `start`."""
+    out = {}
+    for name, (a, b) in start.items():
+        out[f"{name}.A"], out[f"{name}.B"] = tuple(a.shape), tuple(b.shape)
+    return out
+
+
+def check_payload(payload: dict[str, torch.Tensor], start) -> str | None:
+    """Why a reply's payload is unusable (None when it is fine)."""
+    want = expected_payload_shapes(start)
+    if set(payload) != set(want):
+        missing, extra = sorted(set(want) - set(payload)), sorted(set(payload) - set(want))
+        return f"wrong tensors (missing {missing[:2]}, unknown {extra[:2]})"
+    for k, shape in want.items():
+        if tuple(payload[k].shape) != shape:
+            return f"{k}: shape {tuple(payload[k].shape)}, expected {shape}"
+        if payload[k].dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            return f"{k}: dtype {payload[k].dtype}"
+    if not all(bool(torch.isfinite(v).all()) for v in payload.values()):
+        return "non-finite values (NaN/inf)"
+    return None
+
+
+def indices_list(idx) -> list[int]:
+    return [] if idx is None else [int(i) for i in np.asarray(idx).ravel()]

@@ -1,0 +1,120 @@
+"""The proposed method end to end: plan command, planned run, pilot constant estimation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlora import pilot, simulate
+from fedlora.config import InputError, load_config
+from fedlora.methods.proposed import plan_problem
+from fedlora.planner import BoundConstants, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+CONSTANTS = "planner.constants={alpha: 2.0, beta: 1.0, gamma: 0.05, delta: 0.5}"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return simulate.build_setup(load_config(SMOKE, [CONSTANTS, "method=proposed", "train.rounds=2"]))
+
+
+def test_run_plans_then_trains_with_the_plan(setup, tmp_path):
+    out = tmp_path / "p"
+    simulate.run(setup.cfg, out, setup=setup, progress=False)
+    written = json.loads((out / "plan.json").read_text())
+    ctx = setup.method_context()
+    expected = plan(plan_problem(ctx))
+    assert written["constants"] == {"alpha": 2.0, "beta": 1.0, "gamma": 0.05, "delta": 0.5}
+    assert np.allclose(written["participation_prob"], expected.participation_prob)
+    assert written["ranks"] == expected.ranks.tolist()
+    assert written["objective"] == pytest.approx(expected.objective)
+    # the rounds use the planned ranks: each participant uploads k_i ranks of every module
+    per_rank = sum(i + o for i, o in setup.engine.module_shapes.values()) * 4
+    for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()[1:]):
+        assert row["upload_bytes"] == sum(written["ranks"][i] * per_rank for i in row["participants"])
+
+
+def test_plan_command_json(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "fedlora.cli", "plan", str(SMOKE), "--json", CONSTANTS],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    for key in ("participation_prob", "sketch_ratio", "ranks", "bandwidth_hz", "compute_model",
+                "expected_round_time_s", "constants", "objective", "clients"):
+        assert key in out, key
+    assert len(out["clients"]) == 4 and {"id", "data_share", "compute_time_s"} <= set(out["clients"][0])
+    q, k = np.array(out["participation_prob"]), np.array(out["ranks"])
+    p = np.array([c["data_share"] for c in out["clients"]])
+    c = out["constants"]
+    assert np.all(q > 0) and np.all(q <= 1) and np.all((k >= 1) & (k <= 4))
+    assert np.all(q >= len(p) * c["gamma"] * p ** 2 / (c["beta"] * k / 4) - 1e-9)  # Appendix C bound
+
+
+def test_proposed_without_constants_is_bad_input(tmp_path):
+    cfg = load_config(SMOKE, ["method=proposed"])
+    with pytest.raises(InputError, match="planner.constants"):
+        simulate.run(cfg, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    cfg = load_config(SMOKE, ["method=proposed", "planner.pilot=true"])
+    with pytest.raises(InputError, match="target_loss or target_accuracy"):
+        simulate.run(cfg, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_pilot_wiring_recovers_constants(setup, tmp_path, monkeypatch):
+    """Pilot runs replaced by the model's own round counts: the four settings of the config
+    go through X, Y and the SVD and come back as the constants that made them."""
+    truth = BoundConstants(alpha=3.0, beta=1.0, gamma=0.2, delta=0.7)
+    p2 = float(np.sum(setup.data_share ** 2))
+    seen = []
+
+    def fake_run(cfg, out, **kw):
+        q, s = cfg.sampling.participation_prob, cfg.sketch.ratio
+        seen.append((q, s, cfg.method))
+        x, y = p2 / q, p2 / (q * s)
+        rounds = (truth.alpha + truth.delta * x) / (truth.beta - truth.gamma * y)
+        return {"stop_reason": "stop_when", "rounds": rounds}
+
+    monkeypatch.setattr(simulate, "run", fake_run)
+    cfg = load_config(SMOKE, ["planner.pilot={target_loss: 1.0}"])
+    report = pilot.run_pilots(cfg, tmp_path / "pilot", setup=setup, progress=False, log=lambda *_: None)
+    assert [(q, s) for q, s, _ in seen] == [tuple(x) for x in cfg.planner.pilot.settings]
+    assert {m for *_, m in seen} == {"manual"}
+    est = report["constants"]
+    for name in ("alpha", "gamma", "delta"):
+        assert est[name] == pytest.approx(getattr(truth, name), rel=1e-6)
+    assert json.loads((tmp_path / "pilot" / "constants.json").read_text())["constants"] == est
+
+
+def test_pilot_rejects_contradicting_rounds(setup, tmp_path, monkeypatch):
+    def fake_run(cfg, out, **kw):  # more rounds with more participation: contradicts the model
+        return {"stop_reason": "stop_when", "rounds": 5 + 20 * cfg.sampling.participation_prob * cfg.sketch.ratio}
+
+    monkeypatch.setattr(simulate, "run", fake_run)
+    cfg = load_config(SMOKE, ["planner.pilot={target_loss: 1.0}"])
+    with pytest.raises(InputError, match="planner.pilot"):
+        pilot.run_pilots(cfg, tmp_path / "pilot", setup=setup, progress=False, log=lambda *_: None)
+
+
+def test_real_pilot_run_stops_at_the_loss_target(setup, tmp_path):
+    """One real pilot setting through the loop: it stops when the smoothed train loss is at
+    the target and the rounds it reports are that round."""
+    cfg = load_config(SMOKE, ["train.rounds=6", "eval.every=6"])
+    rows_seen = []
+
+    def stop(rows):
+        rows_seen.append(len(rows))
+        return len(rows) >= 4  # row 0 + 3 rounds
+
+    res = simulate.run(cfg, tmp_path / "one", setup=setup, progress=False, stop_when=stop)
+    assert res["stop_reason"] == "stop_when" and res["rounds"] == 3
+    assert pilot.loss_reached([{"train_loss": 1.0}, {"train_loss": None}, {"train_loss": 2.0},
+                               {"train_loss": 3.0}], 2.0)
+    assert not pilot.loss_reached([{"train_loss": 1.0}, {"train_loss": 9.0}], 5.0)  # fewer than 3 losses
