@@ -187,6 +187,8 @@ class MethodOptions(_Strict):
     hetlora_weighting: Literal["uniform", "norm"] = "uniform"
     soft_lambda: float = Field(0.01, ge=0)
     soft_rho: float = Field(0.5, gt=0, le=1)
+    soft_a_penalty: Literal["full", "offdiag", "none"] = "full"  # ||A A^T - I||^2 (or its off-diagonal part)
+    soft_b_penalty: Literal["full", "offdiag", "none"] = "offdiag"  # see docs/theory.md, SOFT section
     tsfa_latency_budget_s: float | None = Field(None, gt=0)
     tsfa_v: float = Field(1.0, gt=0)
 

@@ -66,8 +66,8 @@ class Soft(Method):
             per_client_values(ctx.cfg.sampling.participation_prob, ctx, purpose=STREAM_Q), dtype=float)
         self.lam = float(opt.soft_lambda)
         self.rho = float(opt.soft_rho)
-        self.a_mode = getattr(opt, "soft_a_penalty", "full")
-        self.b_mode = getattr(opt, "soft_b_penalty", "offdiag")
+        self.a_mode = opt.soft_a_penalty
+        self.b_mode = opt.soft_b_penalty
         self.bytes_per_value = int(ctx.cfg.system.bytes_per_value)
 
     # ------------------------------------------------------------ sizes

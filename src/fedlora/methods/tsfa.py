@@ -60,7 +60,7 @@ class Tsfa(Soft):
         self.download_s = broadcast_bits / float(cfg.system.downlink_bps)
         self.expected_full_s = self.expected_latency(r)
         self.expected_min_s = self.expected_latency(1)
-        budget = getattr(cfg.options, "tsfa_latency_budget_s", None)
+        budget = cfg.options.tsfa_latency_budget_s
         self.budget_source = "options.tsfa_latency_budget_s"
         if budget is None:
             budget = self.expected_min_s + DEFAULT_BUDGET_POSITION * (self.expected_full_s - self.expected_min_s)
