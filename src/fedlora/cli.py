@@ -197,6 +197,23 @@ def report(outs: list[Path] = typer.Argument(..., help="run folders, or folders 
     typer.echo(f"wrote {', '.join(summary['files'])}", err=True)
 
 
+@app.command("flower-demo")
+@user_errors
+def flower_demo(config: Path = typer.Argument(..., help="YAML run config"),
+                out: Path = typer.Option(..., "-o", "--out", help="run folder (must not exist or be empty)"),
+                nodes: Optional[int] = typer.Option(None, "--nodes", help="SuperNodes (default data.num_clients)"),
+                round_timeout: float = typer.Option(600.0, "--round-timeout", help="seconds per round"),
+                overrides: Optional[list[str]] = OverridesArg):
+    """Run CONFIG on a local Flower deployment (SuperLink + one SuperNode per client on 127.0.0.1)."""
+    _quiet_libraries()
+    from .flower.deploy import demo
+
+    result = demo(config, out, nodes=nodes, overrides=overrides or [], round_timeout=round_timeout)
+    _print_result(result, out)
+    missing = {k: v for k, v in result.get("missing_replies", {}).items() if v}
+    typer.echo(f"missing replies per client: {missing or 'none'}")
+
+
 def main() -> None:
     try:
         app()

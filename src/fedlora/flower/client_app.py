@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .common import (array_record, cached_setup, config_key, load_run_config, record_tensors, tensors_to_state)
@@ -53,6 +54,7 @@ def train(msg: Message, context: Context) -> Message:
     from ..methods.base import ClientJob, Method
     from ..simulate import local_train
 
+    t0 = time.perf_counter()
     cfg = load_run_config(context.run_config)
     pid, _ = partition_of(context)
     job_cfg = msg.content["job"]
@@ -61,6 +63,7 @@ def train(msg: Message, context: Context) -> Message:
     if str(job_cfg["config-key"]) != config_key(cfg):
         raise ValueError("server and node resolved different fedlora configs")
     setup = cached_setup(cfg)
+    t_setup = time.perf_counter() - t0
     start = tensors_to_state(record_tensors(msg.content["start"]))
     idx = list(job_cfg.get("rank-indices", []))
     job = ClientJob(client_id=pid, start=start, scaling=float(job_cfg["scaling"]),
@@ -70,10 +73,11 @@ def train(msg: Message, context: Context) -> Message:
     payload = Method.client_payload(None, job, res.state)  # default rule: change of every factor
     loss = float(np.mean(res.losses)) if res.losses else float("nan")
     metrics = MetricRecord({"loss": loss, "finite": int(bool(res.finite)), "num-steps": int(res.num_steps),
-                            "compute-s": float(res.compute_s)})
+                            "compute-s": float(res.compute_s), "setup-s": float(t_setup),
+                            "handler-s": float(time.perf_counter() - t0)})
     meta = ConfigRecord({"partition-id": pid, "round": t, "pid": os.getpid()})
     return Message(RecordDict({"payload": array_record(payload), "metrics": metrics, "meta": meta}),
                    reply_to=msg)
 
 
-__all__ = ["app", "ArrayRecord"]
+__all__ = ["app", "query", "train"]

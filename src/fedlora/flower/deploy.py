@@ -145,7 +145,9 @@ class LocalFlower:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         self._restarts: dict[int, int] = {}
-        (self.fleet_port, self.control_port, self.serverappio_port, *self.node_ports) = free_ports(3 + self.nodes)
+        # flwr 1.41: the SuperLink serves its Runtime, Control and Fleet APIs over HTTP on one port
+        (self.port, *self.node_ports) = free_ports(1 + self.nodes)
+        self.control_port = self.fleet_port = self.port
 
     # ---------------------------------------------------------------- start
     def _popen(self, cmd: list[str], log_name: str) -> subprocess.Popen:
@@ -162,14 +164,13 @@ class LocalFlower:
             (self.flwr_home / "config.toml").write_text(
                 '[superlink]\ndefault = "fedlora"\n\n[superlink.fedlora]\n'
                 f'address = "127.0.0.1:{self.control_port}"\ninsecure = true\n')
-            cmd = [_bin("flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{self.fleet_port}",
-                   "--control-api-address", f"127.0.0.1:{self.control_port}", "--host", "127.0.0.1",
-                   "--port", str(self.serverappio_port)]
+            # the app's code is the installed fedlora package: no per-run environment (no uv, no network)
+            cmd = [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--disable-runtime-dependency-installation"]
             if self.simulation:
                 cmd.append("--simulation")
             self.superlink = self._popen(cmd, "superlink.log")
-            ports = [self.control_port] + ([] if self.simulation else [self.fleet_port])
-            self._wait(lambda: all(port_open(p) for p in ports), self.superlink, "superlink", timeout)
+            self._wait(lambda: port_open(self.port), self.superlink, "superlink", timeout)
             if not self.simulation:
                 for i in range(self.nodes):
                     self.start_node(i, wait=False)
@@ -287,6 +288,7 @@ def demo(config: Path, out: Path, *, nodes: int | None = None, overrides: list[s
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: run folder exists; remove it or choose another -o")
     flower = LocalFlower(workdir, nodes=n)
+    ok = False
     try:
         flower.start()
         print(f"superlink pid {flower.superlink.pid} (control 127.0.0.1:{flower.control_port}), "
@@ -294,7 +296,11 @@ def demo(config: Path, out: Path, *, nodes: int | None = None, overrides: list[s
         done = flower.run(config, out, overrides=overrides, round_timeout=round_timeout, timeout=timeout)
         if done.returncode != 0:
             tail = "\n".join(done.stdout.splitlines()[-5:])
-            raise RuntimeError(f"flwr run exited with {done.returncode}: {tail}")
-        return check_result(out, flower.logs)
+            raise RuntimeError(f"flwr run exited with {done.returncode} (logs: {flower.logs}): {tail}")
+        result = check_result(out, flower.logs)
+        ok = True
+        return result
     finally:
         flower.stop()
+        if flower._tmp is not None and ok:  # keep the logs of a failed run
+            shutil.rmtree(flower._tmp, ignore_errors=True)

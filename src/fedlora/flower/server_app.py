@@ -7,7 +7,6 @@ only see Flower's run status can report why.
 from __future__ import annotations
 
 import traceback
-from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp

@@ -190,6 +190,8 @@ class FedLoraStrategy(Strategy):
                 values = payload_values(payload)
                 m = reply.content["metrics"]
                 loss, finite = float(m["loss"]), int(m["finite"])
+                log.info("round %s client %s: handler %.2fs (setup %.2fs, train %.2fs)", server_round, cid,
+                         float(m.get("handler-s", -1)), float(m.get("setup-s", -1)), float(m.get("compute-s", -1)))
                 why = check_payload(payload, jobs[cid].start)
                 if why is None and not finite:
                     why = "client reported a non-finite loss"
@@ -253,6 +255,7 @@ class FedLoraStrategy(Strategy):
         if rounds != cfg.train.rounds:
             raise InputError("flower: num_rounds must equal train.rounds (the run folder records train.rounds)")
         self.summary()
+        wall0 = time.perf_counter()
         method_cls = get_method(cfg.method)
         if method_cls.needs_constants:
             from ..pilot import check_planner_inputs
@@ -260,6 +263,7 @@ class FedLoraStrategy(Strategy):
             check_planner_inputs(cfg)
         self.discover(grid)
         self.setup = self.build_setup()
+        _info("discovery and setup took %.1fs", time.perf_counter() - wall0)
         prepare_out(self.out, resume=False, overwrite=self.overwrite)
         ctx = self.setup.method_context()
         if method_cls.needs_constants:
@@ -285,9 +289,9 @@ class FedLoraStrategy(Strategy):
                 self.prog["cpu_time_s"] += row["cpu_time_s"]
                 commit_round(self.out, metrics, row, self.state, self.method, self.setup.engine, self.prog)
                 result.train_metrics_clientapp[t] = agg
-                _info("round %s: participants %s missing %s rejected %s loss %s eval %s sim %.1fs", t,
+                _info("round %s: participants %s missing %s rejected %s loss %s eval %s sim %.1fs wall %.1fs", t,
                       row["participants"], row["missing"], row["rejected"], row["train_loss"],
-                      row.get("eval_mean"), row["sim_time_s"])
+                      row.get("eval_mean"), row["sim_time_s"], row["cpu_time_s"])
                 t += 1
         if self.prog["stop_reason"] is None:
             self.prog["stop_reason"] = "max_rounds"

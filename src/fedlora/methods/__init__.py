@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from .base import ClientJob, Method, MethodContext, RoundConfig
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .fslora import FSLoRA
+from .hetlora import HetLoRA
 from .manual import IndependentSketch
+from .proposed import Proposed
+from .rank_baselines import RankFull, RankNormal, RankUniform
+from .sampling_baselines import SampleFixed, SampleFull, SampleUniform, SampleWeighted
+from .soft import Soft
+from .tsfa import Tsfa
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (IndependentSketch,)}
-from .fslora import FSLoRA; METHODS[FSLoRA.name] = FSLoRA  # noqa: E402,E702  FSLoRA (Fang et al. 2025)
-from .hetlora import HetLoRA; METHODS[HetLoRA.name] = HetLoRA  # noqa: E402,E702  HetLoRA (Cho et al. 2024)
-from .flora import FLoRA; METHODS[FLoRA.name] = FLoRA  # noqa: E402,E702  FLoRA / FedStackLoRA (Wang et al. 2024)
-from .flexlora import FlexLoRA; METHODS[FlexLoRA.name] = FlexLoRA  # noqa: E402,E702  FlexLoRA (Bai et al. 2024)
-from .sampling_baselines import SampleFull; METHODS[SampleFull.name] = SampleFull  # noqa: E402,E702  seed 001 VI-A
-from .sampling_baselines import SampleFixed; METHODS[SampleFixed.name] = SampleFixed  # noqa: E402,E702  seed 001 VI-A
-from .sampling_baselines import SampleUniform; METHODS[SampleUniform.name] = SampleUniform  # noqa: E402,E702  seed 001 VI-A
-from .sampling_baselines import SampleWeighted; METHODS[SampleWeighted.name] = SampleWeighted  # noqa: E402,E702  VI-A
-from .rank_baselines import RankFull; METHODS[RankFull.name] = RankFull  # noqa: E402,E702  seed 001 VI-B
-from .rank_baselines import RankNormal; METHODS[RankNormal.name] = RankNormal  # noqa: E402,E702  seed 001 VI-B
-from .rank_baselines import RankUniform; METHODS[RankUniform.name] = RankUniform  # noqa: E402,E702  seed 001 VI-B
-from .soft import Soft; METHODS[Soft.name] = Soft  # noqa: E402,E702  seed 002 SOFT (reconstructed)
-from .proposed import Proposed; METHODS[Proposed.name] = Proposed  # noqa: E402,E702  seed 001 Algorithm 1+2
-from .tsfa import Tsfa; METHODS[Tsfa.name] = Tsfa  # noqa: E402,E702  seed 002 TSFA (reconstructed)
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    Proposed, IndependentSketch,  # seed 001: Algorithm 1 + 2, and Algorithm 1 with q, s given
+    FSLoRA, HetLoRA, FLoRA, FlexLoRA,  # heterogeneous-rank federated LoRA baselines
+    SampleFull, SampleFixed, SampleUniform, SampleWeighted,  # seed 001 section VI-A
+    RankFull, RankNormal, RankUniform,  # seed 001 section VI-B
+    Soft, Tsfa,  # seed 002 (reconstructed)
+)}
 
 
 def get_method(name: str) -> type[Method]:

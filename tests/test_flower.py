@@ -1,0 +1,249 @@
+"""fedlora on Flower: simulation engine (Ray), local deployment, faults.
+
+Every Flower process is started by fedlora.flower.deploy.LocalFlower and stopped by PID in
+the fixtures' finalizers (SIGTERM, then SIGKILL, children included).
+Tolerances (docs/flower.md): participants, upload/download bytes exactly; sim_time_s
+rel 1e-9; train_loss rel 1e-4; eval accuracies within one eval example.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from fedlora import simulate
+from fedlora.config import load_config
+from fedlora.flower.deploy import LocalFlower, check_result, descendants
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def inprocess(tmp_path: Path, overrides: list[str]) -> list[dict]:
+    out = tmp_path / "inprocess"
+    simulate.run(load_config(SMOKE, overrides), out, progress=False)
+    return rows(out)
+
+
+def assert_same_numbers(ref: list[dict], got: list[dict]) -> None:
+    assert [r["round"] for r in got] == [r["round"] for r in ref]
+    for a, b in zip(ref, got):
+        assert b["participants"] == a["participants"], b["round"]
+        assert b["upload_bytes"] == a["upload_bytes"] and b["download_bytes"] == a["download_bytes"]
+        assert math.isclose(b["sim_time_s"], a["sim_time_s"], rel_tol=1e-9, abs_tol=1e-12)
+        if a["train_loss"] is None:
+            assert b["train_loss"] is None
+        else:
+            assert math.isclose(b["train_loss"], a["train_loss"], rel_tol=1e-4)
+        if "eval" in a:
+            assert set(b["eval"]) == set(a["eval"])
+            for task, acc in a["eval"].items():
+                assert abs(b["eval"][task] - acc) <= 1.0 / 24 + 1e-12  # eval.max_examples = 24 in smoke
+
+
+def stopped(flower: LocalFlower, pids: list[int]) -> None:
+    flower.stop()
+    import psutil
+
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes left running: {alive}"
+
+
+@pytest.fixture
+def flower_sim(tmp_path, request):
+    f = LocalFlower(tmp_path / "flower", nodes=4, simulation=True)
+    request.addfinalizer(f.stop)
+    return f.start()
+
+
+@pytest.fixture
+def flower_deploy(tmp_path, request):
+    f = LocalFlower(tmp_path / "flower", nodes=3)
+    request.addfinalizer(f.stop)
+    return f.start()
+
+
+def test_flower_simulation_two_rounds_matches_inprocess(flower_sim, tmp_path):
+    """`flwr run flower_app` on the simulation engine (Ray), smoke config, 2 rounds."""
+    overrides = ["train.rounds=2"]
+    out = tmp_path / "flower_out"
+    tree = flower_sim.pids() + descendants(flower_sim.superlink.pid)
+    done = flower_sim.run(SMOKE, out, overrides=overrides, round_timeout=300, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    result = check_result(out)
+    for name in ("config.yaml", "clients.json", "plan.json", "data.json", "metrics.jsonl", "result.json",
+                 "adapter/adapter_config.json"):
+        assert (out / name).exists(), name
+    got = rows(out)
+    assert all(r["missing"] == [] and r["rejected"] == [] for r in got[1:])
+    assert result["engine"] == "flower" and result["rounds"] == 2
+    assert result["missing_replies"] == {str(i): 0 for i in range(4)}
+    clients = json.loads((out / "clients.json").read_text())
+    assert [c["id"] for c in clients] == [0, 1, 2, 3]
+    assert_same_numbers(inprocess(tmp_path, overrides), got)
+    stopped(flower_sim, tree + descendants(flower_sim.superlink.pid))
+
+
+@pytest.mark.slow
+def test_local_deployment_matches_inprocess(flower_deploy, tmp_path):
+    """SuperLink + 3 SuperNodes on 127.0.0.1 (partition-id 0..2): same numbers as the simulator."""
+    overrides = ["data.num_clients=3", "train.rounds=2"]
+    out = tmp_path / "deploy_out"
+    done = flower_deploy.run(SMOKE, out, overrides=overrides, round_timeout=300, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    result = check_result(out)
+    got = rows(out)
+    assert result["missing_replies"] == {"0": 0, "1": 0, "2": 0}
+    assert_same_numbers(inprocess(tmp_path, overrides), got)
+    ref_result = json.loads((tmp_path / "inprocess" / "result.json").read_text())
+    for task, acc in ref_result["final_eval"].items():
+        assert abs(result["final_eval"][task] - acc) <= 1.0 / 48 + 1e-12  # final_max_examples = 48
+    stopped(flower_deploy, flower_deploy.pids())
+
+
+@pytest.mark.slow
+def test_deployment_node_killed_mid_run_is_missing_and_rejoins(flower_deploy, tmp_path):
+    """Kill SuperNode 2 after round 1: its replies are missing, the run goes on; restarted, it rejoins."""
+    import subprocess
+
+    overrides = ["data.num_clients=3", "train.rounds=4", "sampling.participation_prob=1.0", "eval.every=4"]
+    out = tmp_path / "fault_out"
+    cmd = flower_deploy.run_command(SMOKE, out, overrides=overrides, round_timeout=90, connect_timeout=300)
+    log = open(flower_deploy.logs / "flwr-run-fault.log", "wb")
+    proc = subprocess.Popen(cmd, env=flower_deploy.env, cwd=flower_deploy.workdir, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    from fedlora.flower.deploy import stop_process
+
+    try:
+        deadline = time.monotonic() + 600
+
+        def wait_round(t):
+            while not ((out / "metrics.jsonl").exists() and any(r["round"] >= t for r in rows(out))):
+                assert proc.poll() is None, (flower_deploy.logs / "flwr-run-fault.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "run too slow"
+                time.sleep(0.5)
+
+        wait_round(1)
+        flower_deploy.kill_node(2)  # crash: no goodbye to the SuperLink
+        wait_round(2)
+        flower_deploy.start_node(2)  # restart: new node id, same partition
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        stop_process(proc)
+        log.close()
+    result = check_result(out)
+    got = rows(out)
+    assert [r["round"] for r in got] == [0, 1, 2, 3, 4]
+    assert got[1]["participants"] == [0, 1, 2] and got[1]["missing"] == []
+    missed = [r["round"] for r in got[1:] if 2 in r["missing"]]
+    assert missed and 2 in missed, got
+    for r in got[1:]:
+        assert 2 not in r["participants"] or 2 not in r["missing"]
+        assert set(r["participants"]) | set(r["missing"]) == {0, 1, 2}
+    assert result["missing_replies"]["2"] == len(missed) and result["missing_replies"]["0"] == 0
+    assert 2 in got[-1]["participants"], "restarted node did not rejoin"
+    assert "eval_mean" in got[-1] and result["rounds"] == 4
+
+
+# ------------------------------------------------------- faults, in process (fast)
+
+
+class FakeGrid:
+    """A Grid that delivers messages to fedlora's ClientApp handlers in this process.
+
+    `tamper(client, reply)` may change or drop (return None) a reply: a node that crashed
+    or did not answer in time."""
+
+    def __init__(self, run_config: dict, num_nodes: int, tamper=None):
+        self.run_config, self.tamper = run_config, tamper
+        self.nodes = {1000 + i: i for i in range(num_nodes)}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Context, RecordDict
+
+        from fedlora.flower import client_app
+
+        replies = []
+        for m in messages:
+            pid = self.nodes[m.metadata.dst_node_id]
+            ctx = Context(run_id=1, node_id=m.metadata.dst_node_id, node_config={"partition-id": pid,
+                          "num-partitions": len(self.nodes)}, state=RecordDict(), run_config=self.run_config)
+            handler = client_app.query if m.metadata.message_type == "query" else client_app.train
+            reply = handler(m, ctx)
+            if self.tamper is not None and m.metadata.message_type == "train":
+                reply = self.tamper(pid, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages built outside a Flower process need the task identity Flower would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def run_fake(tmp_path, tamper, overrides):
+    from fedlora.flower.strategy import FedLoraStrategy
+
+    run_config = {"fedlora-config": str(SMOKE), "overrides": " ".join(overrides), "out-dir": str(tmp_path / "o")}
+    cfg = load_config(SMOKE, overrides)
+    strategy = FedLoraStrategy(cfg, tmp_path / "o", round_timeout=5)
+    strategy.start(FakeGrid(run_config, cfg.data.num_clients, tamper))
+    return rows(tmp_path / "o"), json.loads((tmp_path / "o" / "result.json").read_text())
+
+
+def test_missing_and_bad_replies_are_recorded(tmp_path, caplog, task_identity):
+    import torch
+    from flwr.app import ArrayRecord
+
+    def tamper(pid, reply):
+        t = int(reply.content["meta"]["round"])
+        if pid == 3 and t == 1:
+            return None  # never answers in round 1
+        if pid == 0 and t == 1:  # NaN update
+            p = reply.content["payload"].to_torch_state_dict()
+            k = next(iter(p))
+            p[k] = torch.full_like(p[k], float("nan"))
+            reply.content["payload"] = ArrayRecord(dict(p))
+        if pid == 1 and t == 2:  # wrong shapes
+            p = reply.content["payload"].to_torch_state_dict()
+            k = next(iter(p))
+            p[k] = torch.zeros(p[k].shape[0] + 1, *p[k].shape[1:])
+            reply.content["payload"] = ArrayRecord(dict(p))
+        return reply
+
+    overrides = ["train.rounds=2", "sampling.participation_prob=1.0"]
+    with caplog.at_level("WARNING", logger="fedlora.flower"):
+        got, result = run_fake(tmp_path, tamper, overrides)
+    r1, r2 = got[1], got[2]
+    assert r1["missing"] == [3] and r1["participants"] == [0, 1, 2] and r1["rejected"] == [0]
+    assert r2["missing"] == [] and r2["participants"] == [0, 1, 2, 3] and r2["rejected"] == [1]
+    assert result["missing_replies"] == {"0": 0, "1": 0, "2": 0, "3": 1}
+    assert result["rejected_replies"] == {"0": 1, "1": 1, "2": 0, "3": 0}
+    text = caplog.text
+    assert "non-finite" in text and "shape" in text and "missing replies from clients [3]" in text
+    assert all(math.isfinite(v) for v in result["final_eval"].values())
+
+
+def test_fake_grid_matches_inprocess(tmp_path, task_identity):
+    """The strategy + ClientApp handlers without any transport: the simulator's numbers, exactly."""
+    overrides = ["train.rounds=2"]
+    got, _ = run_fake(tmp_path, None, overrides)
+    ref = inprocess(tmp_path, overrides)
+    assert [{k: v for k, v in r.items() if k not in ("cpu_time_s", "missing")} for r in got] == \
+        [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in ref]
