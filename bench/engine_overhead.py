@@ -1,12 +1,13 @@
 """Local step time: Engine.train_local vs a plain PEFT training loop (target ratio <= 1.10).
 
-Both train the same rank-r LoRA (query/value) of the embedded all-MiniLM-L6-v2 on the same
-ARC-Easy batches with a fresh AdamW each call, with the same bi-encoder scorer (mean pool,
-L2 normalize, 20 * cosine, cross-entropy over the options). The plain loop is written out
-below on a `get_peft_model` of a second copy of the base: its batches are tokenized,
-length-grouped (the same rule as the engine's CPU path) and padded *before* timing, so it
-is the pure compute lower bound and the ratio is everything the engine adds (tokenization
-cache, padding, adapter switch and copy in/out, finite checks, optimizer creation).
+Both train the same rank-r LoRA (query/value + the score head) of the embedded
+all-MiniLM-L6-v2 on the same ARC-Easy batches with a fresh AdamW each call, with the same
+cross-encoder scorer (encode "[CLS] question [SEP] option [SEP]", mean pool, linear head,
+cross-entropy over the options). The plain loop is written out below on a `get_peft_model`
+of a second copy of the base: its batches are tokenized, length-grouped (the same rule as
+the engine's CPU path) and padded *before* timing, so it is the pure compute lower bound
+and the ratio is everything the engine adds (tokenization cache, padding, adapter switch
+and copy in/out, finite checks, optimizer creation).
 Measured interleaved (engine, plain, engine, plain, ...); medians of per-step times.
 
     python bench/engine_overhead.py [--rank 8] [--batch-size 8] [--steps 10] [--reps 7] [--threads 1]
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlora.data import load_tasks
-from fedlora.model import EMBEDDED_MODEL, TEMPERATURE_SCALE, Engine, ModelSpec
+from fedlora.model import EMBEDDED_MODEL, SCORE_HEAD, Engine, ModelSpec, load_base_model
 
 
 def groups(lengths: list[int]) -> list[list[int]]:
@@ -39,37 +40,22 @@ def groups(lengths: list[int]) -> list[list[int]]:
     return out
 
 
-def prepare(tokenizer, texts: list[str], max_length: int):
-    """Pre-padded (ids, mask, original positions) per length group."""
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+def prepare(tokenizer, batch, max_length: int):
+    """Pre-padded (input_ids, attention_mask, token_type_ids, positions) per length group."""
+    enc = tokenizer([q.text for q in batch for _ in q.options], [o for q in batch for o in q.options],
+                    truncation="longest_first", max_length=max_length)
     parts = []
-    for g in groups([len(x) for x in ids]):
-        enc = tokenizer.pad({"input_ids": [ids[i] for i in g]}, return_tensors="pt")
-        parts.append((enc["input_ids"], enc["attention_mask"], g))
-    return parts
-
-
-def embed(model, parts, n: int) -> torch.Tensor:
-    out = [None] * n
-    for ids, mask, g in parts:
-        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).float()
-        e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        for row, i in enumerate(g):
-            out[i] = e[row]
-    return F.normalize(torch.stack(out), dim=-1)
+    for g in groups([len(x) for x in enc["input_ids"]]):
+        padded = tokenizer.pad({k: [enc[k][i] for i in g] for k in ("input_ids", "token_type_ids")},
+                               return_tensors="pt")
+        parts.append((padded["input_ids"], padded["attention_mask"], padded["token_type_ids"], torch.tensor(g)))
+    owner = torch.tensor([i for i, q in enumerate(batch) for _ in q.options])
+    slot = torch.tensor([j for q in batch for j in range(len(q.options))])
+    return parts, owner, slot, max(len(q.options) for q in batch), torch.tensor([q.label for q in batch])
 
 
 def plain_batches(tokenizer, batches, max_length):
-    prepared = []
-    for batch in batches:
-        options = [o for q in batch for o in q.options]
-        owner = torch.tensor([i for i, q in enumerate(batch) for _ in q.options])
-        slot = torch.tensor([j for q in batch for j in range(len(q.options))])
-        prepared.append((prepare(tokenizer, [q.text for q in batch], max_length), len(batch),
-                         prepare(tokenizer, options, max_length), len(options), owner, slot,
-                         max(len(q.options) for q in batch), torch.tensor([q.label for q in batch])))
-    return prepared
+    return [prepare(tokenizer, batch, max_length) for batch in batches]
 
 
 def plain_train(peft_model, lora_params, start, prepared, lr):
@@ -78,11 +64,11 @@ def plain_train(peft_model, lora_params, start, prepared, lr):
             pa.copy_(a)
             pb.copy_(b)
     opt = torch.optim.AdamW([p for pair in lora_params for p in pair], lr=lr)
-    for q_parts, nq, o_parts, no, owner, slot, width, labels in prepared:
-        q = embed(peft_model, q_parts, nq)
-        o = embed(peft_model, o_parts, no)
-        vals = TEMPERATURE_SCALE * (q[owner] * o).sum(-1)
-        scores = torch.full((nq, width), float("-inf")).index_put((owner, slot), vals)
+    for parts, owner, slot, width, labels in prepared:
+        vals = torch.empty(len(owner))
+        vals = vals.index_put((torch.cat([g for *_, g in parts]),),
+                              torch.cat([peft_model(input_ids=i, attention_mask=m, token_type_ids=t) for i, m, t, _ in parts]))
+        scores = torch.full((len(labels), width), float("-inf")).index_put((owner, slot), vals)
         loss = F.cross_entropy(scores, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,7 +87,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel
 
     train = list(load_tasks(None, ["ARC-Easy"])["ARC-Easy"].train)
     random.Random(0).shuffle(train)
@@ -112,8 +97,9 @@ def main() -> None:
     start = engine.init_state(0)
     scaling = spec.lora_alpha / r
 
-    base = AutoModel.from_pretrained(engine.path).eval().requires_grad_(False)
-    plain = get_peft_model(base, LoraConfig(r=r, lora_alpha=spec.lora_alpha, target_modules=["query", "value"]))
+    base = load_base_model(engine.path, "encoder")
+    plain = get_peft_model(base, LoraConfig(r=r, lora_alpha=spec.lora_alpha,
+                                            target_modules=["query", "value", SCORE_HEAD]))
     plain.eval()  # no dropout anywhere, as in the engine
     layers = {n: m for n, m in sorted(plain.get_base_model().named_modules()) if hasattr(m, "lora_A")}
     assert list(layers) == list(start)
@@ -122,6 +108,11 @@ def main() -> None:
 
     engine.train_local(start, scaling=scaling, batches=batches[:2], lr=args.lr, optimizer="adamw")  # warm caches
     plain_train(plain, lora_params, start, prepared[:2], args.lr)
+    res = engine.train_local(start, scaling=scaling, batches=batches, lr=args.lr, optimizer="adamw")
+    plain_train(plain, lora_params, start, prepared, args.lr)
+    diff = max(max((res.state[n][0] - pa).abs().max().item(), (res.state[n][1] - pb).abs().max().item())
+               for n, (pa, pb) in zip(layers, lora_params))
+    print(f"same math: max |engine - plain| over all LoRA factors after {steps} steps = {diff:.1e}")
     t_engine, t_plain, c_engine, c_plain = [], [], [], []
     for _ in range(args.reps):
         w, c = time.perf_counter(), time.process_time()

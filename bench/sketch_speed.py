@@ -48,11 +48,15 @@ def main() -> None:
     for k in ks:  # warm up: tokenization cache, adapters built
         engine.train_local(starts[k], scaling=spec.lora_alpha / k, batches=batches[:1], lr=1e-3, optimizer="adamw")
     times: dict[int, list[float]] = {k: [] for k in ks}
+    cpu: dict[int, list[float]] = {k: [] for k in ks}
     for _ in range(args.reps):
         for k in ks:
+            c = time.process_time()
             res = engine.train_local(starts[k], scaling=spec.lora_alpha / k, batches=batches, lr=1e-3, optimizer="adamw")
             times[k].append(res.compute_s / res.num_steps)
-    t = np.array([statistics.median(times[k]) for k in ks])
+            cpu[k].append((time.process_time() - c) / res.num_steps)
+    t = np.array([statistics.median(times[k]) for k in ks])  # wall (LocalResult.compute_s)
+    tc = np.array([statistics.median(cpu[k]) for k in ks])
     s = np.array(ratios)
     c1, c0 = np.polyfit(s, t, 1)
     lin = float(np.sum(s * t) / np.sum(s * s))  # best t = c * s
@@ -60,8 +64,9 @@ def main() -> None:
     rms_lin = float(np.sqrt(np.mean((lin * s - t) ** 2)))
     print(f"model {EMBEDDED_MODEL}, targets {args.targets}, r = {r}, batch {bs}, "
           f"{args.steps} steps x {args.reps} reps, {args.threads} thread(s)")
-    for si, k, ti in zip(ratios, ks, t):
-        print(f"  s = {si:<6} k = {k:<3} {ti * 1e3:8.1f} ms/step   t(s)/t(1) = {ti / t[0]:.3f}")
+    for si, k, ti, tci in zip(ratios, ks, t, tc):
+        print(f"  s = {si:<6} k = {k:<3} {ti * 1e3:8.1f} ms/step wall   t(s)/t(1) = {ti / t[0]:.3f}"
+              f"   (cpu {tci * 1e3:8.1f} ms/step, ratio {tci / tc[0]:.3f})")
     f = c0 / (c0 + c1)
     print(f"affine fit  t(s) = {c0 * 1e3:.1f} ms + {c1 * 1e3:.1f} ms * s   (rms {rms_aff * 1e3:.2f} ms)")
     print(f"linear fit  t(s) = {lin * 1e3:.1f} ms * s              (rms {rms_lin * 1e3:.2f} ms)")

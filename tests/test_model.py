@@ -1,7 +1,8 @@
 """Tests of the model engine (src/fedlora/model.py).
 
-Fast tests use a handful of hand-written questions on the embedded all-MiniLM-L6-v2 and a
-tiny random Qwen2 built in tmp_path; @slow ones train on real ARC-Easy questions.
+Fast tests use a handful of hand-written questions on the embedded all-MiniLM-L6-v2 (the
+cross-encoder scorer: encoder + a LoRA-only score head) and a tiny random Qwen2 built in
+tmp_path; the @slow one trains on real ARC-Easy questions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlora.model import EMBEDDED_MODEL, Engine, ModelError, ModelSpec, resolve_model_path, state_rank
+from fedlora.model import (EMBEDDED_MODEL, SCORE_HEAD, Engine, ModelError, ModelSpec, load_base_model,
+                           resolve_model_path, state_rank)
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "fedlora" / "resources" / "commonsense"
 ALPHA = 16.0
@@ -95,18 +97,21 @@ def test_resolve_model_path(tmp_path):
 
 def test_module_names_shapes_and_init(engine):
     names = list(engine.module_shapes)
-    assert names == sorted(names) and len(names) == 12
-    assert names[0] == "encoder.layer.0.attention.self.query"
-    assert all(s == (384, 384) for s in engine.module_shapes.values())
+    assert names == sorted(names) and len(names) == 13  # 6 layers x (query, value) + the score head
+    assert names[0] == "encoder.encoder.layer.0.attention.self.query"
+    assert engine.module_shapes[SCORE_HEAD] == (384, 1)
+    assert all(s == (384, 384) for n, s in engine.module_shapes.items() if n != SCORE_HEAD)
     s1, s2, s3 = engine.init_state(1), engine.init_state(1), engine.init_state(2)
     for n in names:
         assert torch.equal(s1[n][0], s2[n][0]) and not torch.equal(s1[n][0], s3[n][0])
         a, b = s1[n]
-        assert a.shape == (4, 384) and b.shape == (384, 4) and a.dtype == torch.float32
+        assert a.shape == (4, 384) and b.shape == (engine.module_shapes[n][1], 4) and a.dtype == torch.float32
         assert not b.any()
         assert a.abs().max() <= 1 / math.sqrt(384) + 1e-6  # kaiming-uniform(a=sqrt 5) bound
-    # B = 0: the adapter does not change the base model's scores
-    assert torch.allclose(engine.scores(s1, scaling=4.0, questions=QS), engine.scores(None, scaling=1.0, questions=QS))
+    # B = 0 and a zero head: every option scores 0 (chance), with or without the adapter
+    s = engine.scores(s1, scaling=4.0, questions=QS)
+    assert torch.equal(s, engine.scores(None, scaling=1.0, questions=QS))
+    assert not s[torch.isfinite(s)].any()
 
 
 def test_scores_shape_and_evaluate_per_task(engine):
@@ -157,9 +162,9 @@ def test_sub_adapter_really_has_rank_k(engine):
     for k in (1, engine.rank):
         start = take(engine.init_state(0), list(range(k)))
         engine.train_local(start, scaling=ALPHA / k, batches=[QS[:2]], lr=0.1, regularizer=probe)
-        assert seen["A"] == {(k, 384)} and seen["B"] == {(384, k)} and seen["module"] == (k, 384)
+        assert seen["A"] == {(k, 384)} and seen["B"] == {(384, k), (1, k)} and seen["module"] == (k, 384)
         counts[k] = seen["trainable"]
-    assert counts[1] == 12 * (384 + 384) * 1
+    assert counts[1] == sum(i + o for i, o in engine.module_shapes.values()) == 12 * (384 + 384) + 385
     assert counts[engine.rank] == engine.rank * counts[1]
 
 
@@ -211,10 +216,11 @@ def test_flops_per_step(engine):
 
 # ---------------------------------------------------------------------------- base merges, export
 def test_merge_into_base_and_restore(engine):
-    names = list(engine.module_shapes)[:3]
+    names = list(engine.module_shapes)[:3] + [SCORE_HEAD]  # the head's base weight is 0: merge into it too
     g = torch.Generator().manual_seed(5)
-    sub = {n: (torch.randn(2, 384, generator=g) * 0.05, torch.randn(384, 2, generator=g) * 0.05) for n in names}
-    zero = {n: (torch.zeros(2, 384), torch.zeros(384, 2)) for n in engine.module_shapes}
+    sub = {n: (torch.randn(2, 384, generator=g) * 0.05, torch.randn(engine.module_shapes[n][1], 2, generator=g) * 0.05)
+           for n in names}
+    zero = {n: (torch.zeros(2, i), torch.zeros(o, 2)) for n, (i, o) in engine.module_shapes.items()}
     as_adapter = {**zero, **sub}
     scale = 3.0
     base = engine.scores(None, scaling=1.0, questions=QS)
@@ -241,32 +247,30 @@ def test_merge_into_base_and_restore(engine):
         engine.load_base_delta({})
 
 
-def _plain_bi_encoder_scores(model, tokenizer, questions, max_length=32):
-    """The scorer written plainly against any (PEFT-wrapped) encoder."""
+def _plain_cross_encoder_scores(model, tokenizer, questions, max_length=32):
+    """The scorer written plainly: one padded batch of (question, option) pairs per question."""
     rows = []
     with torch.no_grad():
         for q in questions:
-            enc = tokenizer([q.text, *q.options], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            h = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            e = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-            rows.append(20.0 * (e[1:] @ e[0]))
+            enc = tokenizer([q.text] * len(q.options), list(q.options), padding=True, truncation="longest_first",
+                            max_length=max_length, return_tensors="pt")
+            rows.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                              token_type_ids=enc["token_type_ids"]))
     width = max(len(r) for r in rows)
     return torch.stack([F.pad(r, (0, width - len(r)), value=-math.inf) for r in rows])
 
 
 def test_save_peft_adapter_roundtrip(engine, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModel
 
     state = random_state(engine, 6)
     ours = engine.scores(state, scaling=ALPHA / engine.rank, questions=QS)
     engine.save_peft_adapter(state, ALPHA, tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert cfg["r"] == engine.rank and cfg["lora_alpha"] == ALPHA and set(cfg["target_modules"]) == {"query", "value"}
+    assert cfg["r"] == engine.rank and cfg["lora_alpha"] == ALPHA and set(cfg["target_modules"]) == {"query", "value", SCORE_HEAD}
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(engine.path), tmp_path / "adapter").eval()
-    theirs = _plain_bi_encoder_scores(peft_model, engine.tokenizer, QS)
+    peft_model = PeftModel.from_pretrained(load_base_model(engine.path, "encoder"), tmp_path / "adapter").eval()
+    theirs = _plain_cross_encoder_scores(peft_model, engine.tokenizer, QS)
     fin = torch.isfinite(ours)
     assert torch.equal(fin, torch.isfinite(theirs))
     assert (ours[fin] - theirs[fin]).abs().max() < 1e-4
@@ -281,8 +285,8 @@ def test_save_peft_adapter_roundtrip(engine, tmp_path):
         engine.save_peft_adapter(state, ALPHA, tmp_path / "adapter2")
     finally:
         engine.load_base_delta({})
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(engine.path), tmp_path / "adapter2").eval()
-    theirs = _plain_bi_encoder_scores(peft_model, engine.tokenizer, QS)
+    peft_model = PeftModel.from_pretrained(load_base_model(engine.path, "encoder"), tmp_path / "adapter2").eval()
+    theirs = _plain_cross_encoder_scores(peft_model, engine.tokenizer, QS)
     assert (ours[fin] - theirs[fin]).abs().max() < 1e-4
 
 
