@@ -365,11 +365,17 @@ def test_causal_save_peft_adapter_roundtrip(tiny_causal, tmp_path):
 
 
 # ---------------------------------------------------------------------------- real training
+# Measured (ARC-Easy, 300 test questions, rank 8 on query/value + head, alpha 16, batch 8,
+# AdamW lr 1e-3): 0.25 at init (all scores 0) -> 0.44-0.45 after 40-50 steps -> 0.46-0.47
+# after 60-100 steps, on two seeds. lr 2e-3 is noisier, 3e-3 unstable (peaks then falls).
+STEPS, LR, MARGIN, N_TEST = 60, 1e-3, 0.10, 200
+
+
 @pytest.mark.slow
 def test_short_training_run_improves_arc_easy_accuracy():
-    """~100 AdamW steps of batch 8 on ARC-Easy train raise held-out accuracy clearly."""
+    """60 AdamW steps of batch 8 on ARC-Easy train raise held-out accuracy far above the start."""
     train, test = load_arc("train"), load_arc("test")
-    test = random.Random(0).sample(test, 300)
+    test = random.Random(0).sample(test, N_TEST)
     eng = Engine(ModelSpec(EMBEDDED_MODEL, max_length=64), rank=8, seed=0)
     start = eng.init_state(0)
     order = list(range(len(train)))
@@ -379,8 +385,6 @@ def test_short_training_run_improves_arc_easy_accuracy():
     res = eng.train_local(start, scaling=ALPHA / 8, batches=batches, lr=LR, optimizer="adamw")
     acc1 = eng.evaluate(res.state, scaling=ALPHA / 8, questions=test)["ARC-Easy"]
     assert res.finite and res.num_steps == STEPS
-    assert acc1 > 0.25 + 0.15
+    assert sum(res.losses[-10:]) < sum(res.losses[:10])
+    assert acc1 >= 0.25 + MARGIN, (acc0, acc1)  # well above chance (4 options)
     assert acc1 >= acc0 + MARGIN, (acc0, acc1)
-
-
-STEPS, LR, MARGIN = 100, 1e-3, 0.05  # placeholders, tuned below
