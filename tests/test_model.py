@@ -260,6 +260,7 @@ def _plain_cross_encoder_scores(model, tokenizer, questions, max_length=32):
     return torch.stack([F.pad(r, (0, width - len(r)), value=-math.inf) for r in rows])
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 def test_save_peft_adapter_roundtrip(engine, tmp_path):
     from peft import PeftModel
 
@@ -344,6 +345,7 @@ def test_causal_engine_trains_and_evaluates(tiny_causal, score):
     assert eng.flops_per_step(4, QS) > 0
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 def test_causal_save_peft_adapter_roundtrip(tiny_causal, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -368,12 +370,12 @@ def test_causal_save_peft_adapter_roundtrip(tiny_causal, tmp_path):
 # Measured (ARC-Easy, 300 test questions, rank 8 on query/value + head, alpha 16, batch 8,
 # AdamW lr 1e-3): 0.25 at init (all scores 0) -> 0.44-0.45 after 40-50 steps -> 0.46-0.47
 # after 60-100 steps, on two seeds. lr 2e-3 is noisier, 3e-3 unstable (peaks then falls).
-STEPS, LR, MARGIN, N_TEST = 60, 1e-3, 0.10, 200
+STEPS, LR, MARGIN, N_TEST = 80, 1e-3, 0.10, 200
 
 
 @pytest.mark.slow
 def test_short_training_run_improves_arc_easy_accuracy():
-    """60 AdamW steps of batch 8 on ARC-Easy train raise held-out accuracy far above the start."""
+    """80 AdamW steps of batch 8 on ARC-Easy train raise held-out accuracy far above the start."""
     train, test = load_arc("train"), load_arc("test")
     test = random.Random(0).sample(test, N_TEST)
     eng = Engine(ModelSpec(EMBEDDED_MODEL, max_length=64), rank=8, seed=0)
@@ -388,3 +390,5 @@ def test_short_training_run_improves_arc_easy_accuracy():
     assert sum(res.losses[-10:]) < sum(res.losses[:10])
     assert acc1 >= 0.25 + MARGIN, (acc0, acc1)  # well above chance (4 options)
     assert acc1 >= acc0 + MARGIN, (acc0, acc1)
+    print(f"ARC-Easy ({N_TEST} test questions): {acc0:.3f} -> {acc1:.3f} after {STEPS} steps, "
+          f"train {res.compute_s:.1f} s")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,7 @@ from typing import Optional
 import typer
 
 from .config import InputError, load_config
+from .quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated LoRA fine-tuning over heterogeneous wireless networks.")
@@ -36,23 +36,6 @@ def user_errors(fn):
     return wrapper
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 @app.command()
 @user_errors
 def run(config: Path = typer.Argument(..., help="YAML run config"),
@@ -63,7 +46,7 @@ def run(config: Path = typer.Argument(..., help="YAML run config"),
         overrides: Optional[list[str]] = OverridesArg):
     """Fine-tune one LoRA adapter federatedly on a simulated wireless clock."""
     cfg = load_config(config, overrides or [])
-    _quiet_libraries()
+    quiet_libraries()
     from .simulate import run as run_sim
 
     out = out or Path("runs") / config.stem
@@ -103,7 +86,7 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
     from .pilot import check_planner_inputs
 
     check_planner_inputs(cfg)
-    _quiet_libraries()
+    quiet_libraries()
     from .methods.proposed import Proposed
     from .pilot import resolve_constants
     from .simulate import build_setup, clients_json
@@ -142,7 +125,7 @@ def pilot(config: Path = typer.Argument(..., help="YAML run config with planner.
           overrides: Optional[list[str]] = OverridesArg):
     """Estimate the bound constants (alpha, beta, gamma, delta) from short pilot runs."""
     cfg = load_config(config, overrides or [])
-    _quiet_libraries()
+    quiet_libraries()
     from .pilot import run_pilots
 
     report = run_pilots(cfg, out or Path("runs") / f"{config.stem}-pilot", progress=not quiet)
@@ -176,7 +159,7 @@ def compare(config: Path = typer.Argument(..., help="YAML run config shared by e
     cfg = load_config(config, overrides or [])
     names, seed_list = parse_names(methods), parse_seeds(seeds)
     tgt = parse_target(target) if target is not None else None
-    _quiet_libraries()
+    quiet_libraries()
     out = out or Path("runs") / f"{config.stem}-compare"
     log = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     run_compare(cfg, out, names, seed_list, progress=not quiet, log=log, target=tgt, baseline=baseline)
@@ -205,7 +188,7 @@ def flower_demo(config: Path = typer.Argument(..., help="YAML run config"),
                 round_timeout: float = typer.Option(600.0, "--round-timeout", help="seconds per round"),
                 overrides: Optional[list[str]] = OverridesArg):
     """Run CONFIG on a local Flower deployment (SuperLink + one SuperNode per client on 127.0.0.1)."""
-    _quiet_libraries()
+    quiet_libraries()
     from .flower.deploy import demo
 
     result = demo(config, out, nodes=nodes, overrides=overrides or [], round_timeout=round_timeout)

@@ -185,7 +185,7 @@ class Engine:
     def __init__(self, spec: ModelSpec, *, rank: int, seed: int, max_cached_adapters: int = 8):
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         if int(rank) < 1:
@@ -567,7 +567,6 @@ class Engine:
         as extra ranks of the modules concerned (SVD; rank_pattern/alpha_pattern keep
         those modules' scaling equal).
         """
-        from peft import LoraConfig
         from safetensors.torch import save_file
 
         if set(state) != set(self.layers):

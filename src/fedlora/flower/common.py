@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..config import InputError, RunConfig, dump_config, load_config
+from ..quiet import quiet_libraries
 
 DEFAULTS = {"fedlora-config": "configs/smoke.yaml", "overrides": "", "out-dir": "runs/flower", "overwrite": True,
             "round-timeout": 600.0, "connect-timeout": 300.0}
@@ -80,24 +81,10 @@ def cached_setup(cfg: RunConfig):
     key = config_key(cfg)
     with _LOCK:
         if key not in _SETUPS:
-            _quiet()
+            quiet_libraries()
             _SETUPS.clear()  # one model per process: a new config replaces the old one
             _SETUPS[key] = build_setup(cfg)
         return _SETUPS[key]
-
-
-def _quiet() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 # ------------------------------------------------------------------ wire format

@@ -52,10 +52,9 @@ import numpy as np
 
 from ..aggregation import SketchedUpdate, scatter_sum
 from ..config import InputError
-from ..sketch import sample_rank_indices, sketch_scale, slice_ranks
-from .base import (AdapterState, ClientJob, Method, MethodContext, RoundConfig, compute_model_json,
+from .base import (AdapterState, Method, MethodContext, RoundConfig, compute_model_json,
                    per_client_values, ranks_from_ratios, split_payload, state_values)
-from .manual import STREAM_S, STREAM_SKETCH
+from .manual import STREAM_S, sketch_job
 
 STREAM_FIXED_SAMPLE = 15  # fixed-size sampled set, shared by fslora / hetlora / flora / flexlora
 
@@ -133,14 +132,7 @@ class FSLoRA(FixedSizeSampling):
     summary = "FSLoRA (Fang et al. 2025): m sampled clients train random rank sketches, FedAvg of sketched updates"
 
     def configure_round(self, round_idx: int, state: AdapterState) -> RoundConfig:
-        r = self.ctx.rank
-        jobs = []
-        for i in self.sample(round_idx):
-            k = int(self.ranks[i])
-            idx = sample_rank_indices(self.ctx.rng(STREAM_SKETCH, round_idx, int(i)), r, k)
-            start = {n: slice_ranks(a, b, idx) for n, (a, b) in state.items()}
-            jobs.append(ClientJob(client_id=int(i), start=start, rank_indices=idx,
-                                  scaling=self.ctx.base_scaling * sketch_scale(r, k), compute_ratio=k / r))
+        jobs = [sketch_job(self.ctx, state, round_idx, int(i), int(self.ranks[i])) for i in self.sample(round_idx)]
         return RoundConfig(jobs=jobs, broadcast_values=state_values(state))
 
     def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:

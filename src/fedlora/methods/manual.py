@@ -19,6 +19,15 @@ from .base import (compute_model_json, AdapterState, ClientJob, Method, MethodCo
 STREAM_Q, STREAM_S, STREAM_SAMPLE, STREAM_SKETCH = 11, 12, 13, 14
 
 
+def sketch_job(ctx: MethodContext, state: AdapterState, round_idx: int, client: int, k: int) -> ClientJob:
+    """Client `client` trains a fresh uniform k-subset of the r ranks, scaled by r/k."""
+    r = ctx.rank
+    idx = sample_rank_indices(ctx.rng(STREAM_SKETCH, round_idx, client), r, k)
+    start = {n: slice_ranks(a, b, idx) for n, (a, b) in state.items()}
+    return ClientJob(client_id=client, start=start, rank_indices=idx,
+                     scaling=ctx.base_scaling * sketch_scale(r, k), compute_ratio=k / r)
+
+
 class IndependentSketch(Method):
     name = "manual"
     summary = "seed 001 Algorithm 1: independent sampling q_i + random rank sketches s_i, both from the config"
@@ -55,15 +64,8 @@ class IndependentSketch(Method):
         }
 
     def configure_round(self, round_idx: int, state: AdapterState) -> RoundConfig:
-        r = self.ctx.rank
         sampled = sample_participants(self.ctx.rng(STREAM_SAMPLE, round_idx), self.participation_prob)
-        jobs = []
-        for i in sampled:
-            k = int(self.ranks[i])
-            idx = sample_rank_indices(self.ctx.rng(STREAM_SKETCH, round_idx, int(i)), r, k)
-            start = {n: slice_ranks(a, b, idx) for n, (a, b) in state.items()}
-            jobs.append(ClientJob(client_id=int(i), start=start, rank_indices=idx,
-                                  scaling=self.ctx.base_scaling * sketch_scale(r, k), compute_ratio=k / r))
+        jobs = [sketch_job(self.ctx, state, round_idx, int(i), int(self.ranks[i])) for i in sampled]
         return RoundConfig(jobs=jobs, broadcast_values=state_values(state))
 
     def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
