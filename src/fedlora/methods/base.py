@@ -120,6 +120,14 @@ def split_payload(payload: Payload) -> dict[str, tuple[Tensor, Tensor]]:
     return {n: (payload[f"{n}.A"], payload[f"{n}.B"]) for n in names}
 
 
+def factors_payload(state: AdapterState) -> Payload:
+    """Upload the factors themselves (not their change): {"module.A": A, "module.B": B}."""
+    out: Payload = {}
+    for name, (a, b) in state.items():
+        out[f"{name}.A"], out[f"{name}.B"] = a, b
+    return out
+
+
 def payload_values(payload: Payload) -> int:
     return int(sum(t.numel() for t in payload.values()))
 

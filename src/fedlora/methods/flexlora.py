@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ..sketch import payload_values
-from .base import AdapterState, ClientJob, Payload, RoundConfig, split_payload
+from .base import factors_payload, AdapterState, ClientJob, Payload, RoundConfig, split_payload
 from .fslora import FixedSizeSampling
 from .hetlora import truncate
 
@@ -103,10 +103,7 @@ class FlexLoRA(FixedSizeSampling):
 
     def client_payload(self, job: ClientJob, trained: AdapterState) -> Payload:
         """The trained factors B_i, A_i (the server needs the products B_i A_i)."""
-        out: Payload = {}
-        for name, (a, b) in trained.items():
-            out[f"{name}.A"], out[f"{name}.B"] = a, b
-        return out
+        return factors_payload(trained)
 
     def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
         self._server_s = 0.0

@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from .base import AdapterState, ClientJob, Payload, RoundConfig, split_payload, state_values
+from .base import factors_payload, AdapterState, ClientJob, Payload, RoundConfig, split_payload, state_values
 from .fslora import FixedSizeSampling
 
 STREAM_FRESH_INIT = 16  # (seed, round, client) -> the fresh A_i
@@ -89,10 +89,7 @@ class FLoRA(FixedSizeSampling):
 
     def client_payload(self, job: ClientJob, trained: AdapterState) -> Payload:
         """The trained fresh adapter itself, A_i and B_i in full (the server needs the factors)."""
-        out: Payload = {}
-        for name, (a, b) in trained.items():
-            out[f"{name}.A"], out[f"{name}.B"] = a, b
-        return out
+        return factors_payload(trained)
 
     def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
         if not payloads:
