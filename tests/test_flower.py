@@ -92,6 +92,26 @@ def test_flower_simulation_two_rounds_matches_inprocess(flower_sim, tmp_path):
     stopped(flower_sim, tree + descendants(flower_sim.superlink.pid))
 
 
+# Strong enough that a node training without SOFT's regularizer or on an unmerged base
+# leaves the tolerances (on the smoke config the default lambda and lr stay within them).
+STRONG = {"soft": ["options.soft_lambda=1", "train.lr=0.02"], "flora": ["train.lr=0.02"]}
+
+
+@pytest.mark.parametrize("method", ["soft", "flora"])
+def test_flower_simulation_soft_and_flora_match_inprocess(flower_sim, tmp_path, method):
+    """SOFT (regularizer rebuilt on the node) and FLoRA (server's merged base sent to the
+    nodes) on the simulation engine: the simulator's numbers, 2 rounds."""
+    overrides = [f"method={method}", "train.rounds=2", *STRONG[method]]
+    out = tmp_path / "flower_out"
+    done = flower_sim.run(SMOKE, out, overrides=overrides, round_timeout=300, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    check_result(out)
+    got = rows(out)
+    assert all(r["missing"] == [] and r["rejected"] == [] for r in got[1:])
+    assert sum(len(r["participants"]) for r in got[1:]) > 0
+    assert_same_numbers(inprocess(tmp_path, overrides), got)
+
+
 @pytest.mark.slow
 def test_local_deployment_matches_inprocess(flower_deploy, tmp_path):
     """SuperLink + 3 SuperNodes on 127.0.0.1 (partition-id 0..2): same numbers as the simulator."""
@@ -197,6 +217,25 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
+@pytest.fixture
+def own_node_setup(monkeypatch):
+    """The ClientApp handlers get their own Setup (model, base weights), not the server's,
+    as on a real node: a merge the server does not send would leave the node behind."""
+    from fedlora.flower import client_app
+    from fedlora.flower.common import config_key
+
+    setups = {}
+
+    def node_setup(cfg):
+        key = config_key(cfg)
+        if key not in setups:
+            setups[key] = simulate.build_setup(cfg)
+        return setups[key]
+
+    monkeypatch.setattr(client_app, "cached_setup", node_setup)
+    return setups
+
+
 def run_fake(tmp_path, tamper, overrides):
     from fedlora.flower.strategy import FedLoraStrategy
 
@@ -245,5 +284,18 @@ def test_fake_grid_matches_inprocess(tmp_path, task_identity):
     overrides = ["train.rounds=2"]
     got, _ = run_fake(tmp_path, None, overrides)
     ref = inprocess(tmp_path, overrides)
+    assert [{k: v for k, v in r.items() if k not in ("cpu_time_s", "missing")} for r in got] == \
+        [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in ref]
+
+
+@pytest.mark.parametrize("method", ["soft", "tsfa", "flora"])
+def test_fake_grid_soft_and_flora_match_inprocess(tmp_path, task_identity, own_node_setup, method):
+    """Nodes with their own model: SOFT's (and TSFA's) regularizer and FLoRA's merged base
+    reach them, so the rows equal the simulator's exactly."""
+    overrides = [f"method={method}", "train.rounds=2", "sampling.participation_prob=1.0"]
+    got, _ = run_fake(tmp_path, None, overrides)
+    ref = inprocess(tmp_path, overrides)
+    assert own_node_setup, "the handlers did not use the node's own setup"
+    assert all(len(r["participants"]) > 0 for r in got[1:])
     assert [{k: v for k, v in r.items() if k not in ("cpu_time_s", "missing")} for r in got] == \
         [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in ref]

@@ -2,8 +2,9 @@
 
 query: answers with its partition id, sample count and (simulated) system profile.
 train: trains the sub-adapter it was sent with Engine.train_local on exactly the batches
-the in-process simulator draws (client_batches(setup, partition_id, round)) and returns
-the change of every factor it trained (the default Method payload).
+the in-process simulator draws (client_batches(setup, partition_id, round)), on the base
+the server sent (merged deltas, FLoRA) and with the regularizer it described (SOFT), and
+returns the change of every factor it trained (the default Method payload).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .common import (array_record, cached_setup, config_key, load_run_config, record_tensors, tensors_to_state)
+from .common import (array_record, cached_setup, config_key, load_run_config, record_tensors,
+                     regularizer_from_config, tensors_to_state)
 
 log = logging.getLogger("fedlora.flower")
 
@@ -64,10 +66,15 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError("server and node resolved different fedlora configs")
     setup = cached_setup(cfg)
     t_setup = time.perf_counter() - t0
+    # The server's merged base (FLoRA); none sent = the original base (a cached engine may
+    # still hold another run's merges).
+    delta = record_tensors(msg.content["base-delta"]) if "base-delta" in msg.content else {}
+    setup.engine.load_base_delta(delta)
     start = tensors_to_state(record_tensors(msg.content["start"]))
     idx = list(job_cfg.get("rank-indices", []))
     job = ClientJob(client_id=pid, start=start, scaling=float(job_cfg["scaling"]),
-                    compute_ratio=float(job_cfg["compute-ratio"]), rank_indices=np.asarray(idx, dtype=np.int64))
+                    compute_ratio=float(job_cfg["compute-ratio"]), rank_indices=np.asarray(idx, dtype=np.int64),
+                    regularizer=regularizer_from_config(job_cfg))
     t = int(job_cfg["round"])
     res = local_train(setup, job, t)
     payload = Method.client_payload(None, job, res.state)  # default rule: change of every factor

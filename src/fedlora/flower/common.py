@@ -23,16 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import InputError, RunConfig, dump_config, load_config
+from ..config import RunConfig, dump_config, load_config
 from ..quiet import quiet_libraries
 
 DEFAULTS = {"fedlora-config": "configs/smoke.yaml", "overrides": "", "out-dir": "runs/flower", "overwrite": True,
             "round-timeout": 600.0, "connect-timeout": 300.0}
-
-# Methods whose client side cannot run from a message alone: SOFT's jobs carry a Python
-# regularizer, FLoRA merges into the server's base model (the nodes' bases would diverge).
-UNSUPPORTED_METHODS = {"soft": "its jobs carry a regularizer closure",
-                       "flora": "it merges updates into the base model, which nodes do not share"}
 
 
 def repo_root() -> Path:
@@ -58,11 +53,7 @@ def load_run_config(run_config) -> RunConfig:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     path = resolve_path(str(setting(run_config, "fedlora-config")))
     overrides = shlex.split(str(setting(run_config, "overrides") or ""))
-    cfg = load_config(path, overrides)
-    if cfg.method in UNSUPPORTED_METHODS:
-        raise InputError(f"field 'method': value '{cfg.method}' is not supported on the Flower engine "
-                         f"({UNSUPPORTED_METHODS[cfg.method]})")
-    return cfg
+    return load_config(path, overrides)
 
 
 def config_key(cfg: RunConfig) -> str:
@@ -140,3 +131,29 @@ def check_payload(payload: dict[str, torch.Tensor], start) -> str | None:
 
 def indices_list(idx) -> list[int]:
     return [] if idx is None else [int(i) for i in np.asarray(idx).ravel()]
+
+
+# SOFT's regularizer travels as its plain numbers in the job's ConfigRecord; the node
+# rebuilds it with the function the method uses (methods.soft.orthogonality_regularizer).
+REGULARIZER_KEYS = ("reg-lambda", "reg-a-penalty", "reg-b-penalty")
+
+
+def regularizer_config(reg) -> dict:
+    """ConfigRecord entries that define a job's regularizer ({} for none)."""
+    from ..methods.soft import OrthogonalityRegularizer
+
+    if reg is None:
+        return {}
+    if not isinstance(reg, OrthogonalityRegularizer):
+        raise TypeError(f"regularizer {reg!r} cannot be sent in a Flower message")
+    return dict(zip(REGULARIZER_KEYS, (float(reg.lam), reg.a_mode, reg.b_mode)))
+
+
+def regularizer_from_config(job_cfg):
+    """The regularizer a job's ConfigRecord defines (None for none)."""
+    from ..methods.soft import orthogonality_regularizer
+
+    if REGULARIZER_KEYS[0] not in job_cfg:
+        return None
+    lam, a_mode, b_mode = (job_cfg[k] for k in REGULARIZER_KEYS)
+    return orthogonality_regularizer(float(lam), str(a_mode), str(b_mode))

@@ -2,7 +2,8 @@
 
 Per round: `method.configure_round` samples clients independently with their q_i; each
 sampled client's node gets one message with its own start sub-adapter, scaling, rank
-indices and round config (`configure_train`); the replies' payload tensors (shapes differ
+indices, regularizer numbers (SOFT), the server's merged base delta (FLoRA) and round
+config (`configure_train`); the replies' payload tensors (shapes differ
 per client) go to `method.aggregate` (`aggregate_train`), and the round is closed exactly
 as in the in-process simulator (fedlora.simulate.close_round: clock, eval, stop rules).
 
@@ -34,8 +35,8 @@ from ..methods.base import Method, payload_values
 from ..simulate import (RoundClock, Setup, close_round, commit_round, finish, prepare_out, start_run_folder,
                         write_atomic)
 from ..system import ClientProfile
-from .common import (array_record, check_payload, config_key, indices_list, record_tensors, state_to_tensors,
-                     tensors_to_state)
+from .common import (array_record, check_payload, config_key, indices_list, record_tensors, regularizer_config,
+                     state_to_tensors, tensors_to_state)
 
 log = logging.getLogger("fedlora.flower")
 
@@ -147,11 +148,11 @@ class FedLoraStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         rc = self.method.configure_round(server_round, self.state)
         jobs = {j.client_id: j for j in rc.jobs}
-        for j in jobs.values():
-            if j.regularizer is not None:
-                raise InputError(f"method {self.cfg.method}: jobs with a regularizer cannot run on Flower")
         msgs, sent, missing = [], {}, []
         key = config_key(self.cfg)
+        # The whole merged base delta (FLoRA), not this round's merge: a node that missed
+        # rounds, restarted, or loads a fresh model per message still gets the server's base.
+        base_delta = self.setup.engine.base_delta()
         for i, job in jobs.items():
             node = self.node_of.get(i)
             if node is None:
@@ -160,8 +161,10 @@ class FedLoraStrategy(Strategy):
             job_cfg = ConfigRecord({"round": server_round, "partition-id": i, "scaling": float(job.scaling),
                                     "compute-ratio": float(job.compute_ratio),
                                     "rank-indices": indices_list(job.rank_indices), "config-key": key,
-                                    **{k: v for k, v in config.items()}})
+                                    **regularizer_config(job.regularizer), **{k: v for k, v in config.items()}})
             content = RecordDict({"start": array_record(state_to_tensors(job.start)), "job": job_cfg})
+            if base_delta:
+                content["base-delta"] = array_record(base_delta)
             msgs.append(Message(content, dst_node_id=node, message_type="train", group_id=str(server_round),
                                 ttl=max(self.round_timeout * 2, 60.0)))
             sent[node] = i

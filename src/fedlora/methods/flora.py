@@ -33,6 +33,8 @@ Choices where the paper is vague:
     merged base; the run's adapter/ folds the merged deltas in (Engine.save_peft_adapter).
   * Resume: the engine's merged base deltas are checkpointed by the loop; this method's
     own state is the size of the pending broadcast (plus the unused server optimizer).
+  * On Flower (fedlora.flower) each node gets the server's accumulated merged delta with
+    every message and loads it (Engine.load_base_delta), so its base equals the server's.
 """
 
 from __future__ import annotations

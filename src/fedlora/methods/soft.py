@@ -17,7 +17,6 @@ federated LoRA with unbiased independent sampling).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -32,6 +31,26 @@ from .base import AdapterState, ClientJob, Method, MethodContext, Payload, Round
 from .manual import STREAM_Q, STREAM_SAMPLE
 
 INDEX_BYTES = 4  # rank indices go on the wire as int32
+
+
+@dataclass(frozen=True)
+class OrthogonalityRegularizer:
+    """The client regularizer lambda * orthogonality penalty of the live factors. Plain
+    numbers, not a closure, so that another engine (Flower) can send it and rebuild it."""
+
+    lam: float
+    a_mode: str
+    b_mode: str
+
+    def __call__(self, state: AdapterState) -> torch.Tensor:
+        return state_penalty(state, self.lam, a_mode=self.a_mode, b_mode=self.b_mode)
+
+
+def orthogonality_regularizer(lam: float, a_mode: str, b_mode: str) -> OrthogonalityRegularizer | None:
+    """SOFT's regularizer for (lambda, A mode, B mode); None when the penalty is zero."""
+    if lam == 0 or (a_mode == "none" and b_mode == "none"):
+        return None
+    return OrthogonalityRegularizer(float(lam), str(a_mode), str(b_mode))
 
 
 @dataclass
@@ -121,10 +140,8 @@ class Soft(Method):
         """Components kept per module this round, and extra metrics (TSFA decides here)."""
         return rank_count(self.rho, self.ctx.rank), {}
 
-    def regularizer(self):
-        if self.lam == 0 or (self.a_mode == "none" and self.b_mode == "none"):
-            return None
-        return partial(state_penalty, lam=self.lam, a_mode=self.a_mode, b_mode=self.b_mode)
+    def regularizer(self) -> OrthogonalityRegularizer | None:
+        return orthogonality_regularizer(self.lam, self.a_mode, self.b_mode)
 
     def configure_round(self, round_idx: int, state: AdapterState) -> RoundConfig:
         sampled = sample_participants(self.ctx.rng(STREAM_SAMPLE, round_idx), self.participation_prob)
