@@ -24,6 +24,8 @@ from fedlora.planner import (
     monte_carlo_round_time_s,
     objective,
     plan,
+    plan_participation,
+    plan_ranks,
     q_lower_bound,
     rounds_factor,
 )
@@ -61,19 +63,20 @@ def check_plan_constraints(pl: Plan, pr: PlanProblem) -> None:
 
 
 # --------------------------------------------------------------------------- references
-def brute_force(pr: PlanProblem, step=0.05):
+def brute_force(pr: PlanProblem, step=0.05, *, full_rank=False, fixed_q=None):
     """Best P2 value over q on the grid {step, 2 step, ..., 1}^N and every rank vector,
-    respecting the Appendix-C bound. Vectorised over the q grid per rank vector."""
+    respecting the Appendix-C bound. Vectorised over the q grid per rank vector.
+    full_rank: only k = r (the sampling ablation); fixed_q: only that q (the rank ablation)."""
     n, r, kc = pr.num_clients, pr.rank, pr.constants
     grid = np.arange(1, int(round(1 / step)) + 1) * step
-    Q = np.array(list(itertools.product(grid, repeat=n)))
+    Q = np.array(list(itertools.product(grid, repeat=n))) if fixed_q is None else np.asarray(fixed_q)[None, :]
     p2 = pr.data_share ** 2
     P = p2 / Q
     X = P.sum(1)
     L = pr.num_clients * kc.gamma * p2 / kc.beta
     feas = [[Q[:, i] * (kk / r) >= L[i] * (1 - 1e-12) for kk in range(1, r + 1)] for i in range(n)]
     best = (math.inf, None, None)
-    for ks in itertools.product(range(1, r + 1), repeat=n):
+    for ks in ([(r,) * n] if full_rank else itertools.product(range(1, r + 1), repeat=n)):
         ks = np.array(ks)
         s = ks / r
         ok = np.logical_and.reduce([feas[i][ks[i] - 1] for i in range(n)])
@@ -286,6 +289,42 @@ def test_plan_matches_brute_force_with_identical_clients():
     check_plan_constraints(pl, pr)
     assert pl.ranks[0] == pl.ranks[1]
     assert pl.objective <= 1.02 * best
+
+
+@pytest.mark.parametrize("n,seed,r,gamma,cm,bw", BRUTE_CASES)
+def test_plan_participation_matches_brute_force_at_full_rank(n, seed, r, gamma, cm, bw):
+    pr = make_problem(n, seed, r=r, gamma=gamma, cm=cm, bw=bw, comp_sigma=0.8, link_sigma=1.2, dir_a=2.0)
+    best, _q, _k = brute_force(pr, full_rank=True)
+    pl = plan_participation(pr)
+    check_plan_constraints(pl, pr)
+    assert np.all(pl.ranks == pr.rank)
+    assert pl.objective <= 1.01 * best, (pl.objective, best)
+    assert pl.objective >= plan(pr).objective * (1 - 1e-9)  # a restriction of P2 cannot beat P2's plan
+
+
+@pytest.mark.parametrize("n,seed,r,gamma,cm,bw", BRUTE_CASES)
+@pytest.mark.parametrize("q_fixed", [0.5, 0.9])
+def test_plan_ranks_with_fixed_q_against_brute_force(n, seed, r, gamma, cm, bw, q_fixed):
+    pr = make_problem(n, seed, r=r, gamma=gamma, cm=cm, bw=bw, comp_sigma=0.8, link_sigma=1.2, dir_a=2.0)
+    q = np.full(n, q_fixed)
+    if np.any(q < q_lower_bound(np.ones(n), pr.data_share, pr.constants)):
+        with pytest.raises(InfeasiblePlan):
+            plan_ranks(pr, q)
+        return
+    best, _q, best_k = brute_force(pr, fixed_q=q)
+    pl = plan_ranks(pr, q)
+    check_plan_constraints(pl, pr)
+    np.testing.assert_array_equal(pl.participation_prob, q)
+    # the seed's greedy rule: a local optimum (no single rank step down or up helps) ...
+    for i in range(n):
+        for step in (-1, 1):
+            k = pl.ranks.copy()
+            k[i] += step
+            if 1 <= k[i] <= pr.rank and np.all(q >= q_lower_bound(k / pr.rank, pr.data_share, pr.constants)):
+                assert objective(q, k / pr.rank, pr) >= pl.objective * (1 - 1e-9), (i, step)
+    # ... never worse than full rank, and close to the exhaustive optimum on these cases
+    assert pl.objective <= objective(q, np.ones(n), pr) * (1 + 1e-12)
+    assert pl.objective <= 1.05 * best, (pl.objective, best, pl.ranks, best_k)
 
 
 @pytest.mark.parametrize("seed,gamma,cm,bw", [(0, 0.02, LINEAR, 1.0), (1, 0.1, ComputeModel("affine", 0.3), 0.2),

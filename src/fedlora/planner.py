@@ -50,6 +50,8 @@ __all__ = [
     "check_feasible",
     "monte_carlo_round_time_s",
     "plan",
+    "plan_participation",
+    "plan_ranks",
     "estimate_constants",
 ]
 
@@ -865,6 +867,53 @@ def _plan(problem: PlanProblem, max_iters: int, grid_points: int) -> Plan:
                 break
         else:
             break
+    return _make_plan(problem, core, q, k, it)
+
+
+def plan_participation(problem: PlanProblem, *, grid_points: int = 10) -> Plan:
+    """Sampling-only ablation (seed 001, Fig. 2): every client at full rank (s = 1), q
+    from Algorithm 2's q-step alone (surrogate line search + L-BFGS-B polish on P2)."""
+    check_feasible(problem)
+    with _single_thread_blas():
+        core = _Core(problem)
+        solver = _QSolver(core) if grid_points else None
+        k = np.full(core.n, core.r, dtype=np.int64)
+        q = _q_step(core, solver, _initial_q(core, k), k, int(grid_points))
+        return _make_plan(problem, core, q, k, 1)
+
+
+def plan_ranks(problem: PlanProblem, participation_prob) -> Plan:
+    """Rank-only ablation (seed 001, Fig. 3): q fixed; the seed's greedy rule on the integer
+    ranks alone: start at k = r and lower a client's k_i by one while that lowers P2 (and
+    keeps q_i s_i above the Appendix-C bound), sweeping until no move helps."""
+    check_feasible(problem)
+    core = _Core(problem)
+    q = _check_q(participation_prob, core.n).copy()
+    k = np.full(core.n, core.r, dtype=np.int64)
+    if np.any(q < core.q_lb(k) * (1 - 1e-12)):
+        raise InfeasiblePlan("the fixed participation probabilities are below the Appendix-C bound "
+                             "q_i >= N gamma p_i^2 / beta even at full rank")
+    k_min = core.k_min(q)
+    f = core.value(q, k)
+    sweeps = 0
+    improved = True
+    while improved:
+        improved = False
+        sweeps += 1
+        for i in range(core.n):
+            while k[i] > k_min[i]:
+                k[i] -= 1
+                f_new = core.value(q, k)
+                if f_new < f * (1.0 - 1e-12):
+                    f, improved = f_new, True
+                else:
+                    k[i] += 1
+                    break
+    return _make_plan(problem, core, q, k, sweeps)
+
+
+def _make_plan(problem: PlanProblem, core: _Core, q: np.ndarray, k: np.ndarray, iterations: int) -> Plan:
+    it = iterations
     s = core.s_grid[k - 1]
     rf = rounds_factor(q, s, problem.data_share, problem.constants)
     tb = round_time_bound_s(problem.compute_s(s), problem.upload_s_hz_at(s), q, problem.bandwidth_hz)

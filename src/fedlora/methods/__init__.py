@@ -8,6 +8,7 @@ from .flora import FLoRA
 from .fslora import FSLoRA
 from .hetlora import HetLoRA
 from .manual import IndependentSketch
+from .planned_ablations import ProposedQ, ProposedS
 from .proposed import Proposed
 from .rank_baselines import RankFull, RankNormal, RankUniform
 from .sampling_baselines import SampleFixed, SampleFull, SampleUniform, SampleWeighted
@@ -17,6 +18,7 @@ from .tsfa import Tsfa
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     Proposed, IndependentSketch,  # seed 001: Algorithm 1 + 2, and Algorithm 1 with q, s given
     FSLoRA, HetLoRA, FLoRA, FlexLoRA,  # heterogeneous-rank federated LoRA baselines
+    ProposedQ, ProposedS,  # seed 001: the planner's q half and s half alone (Figs. 2, 3)
     SampleFull, SampleFixed, SampleUniform, SampleWeighted,  # seed 001 section VI-A
     RankFull, RankNormal, RankUniform,  # seed 001 section VI-B
     Soft, Tsfa,  # seed 002 (reconstructed)

@@ -1,0 +1,48 @@
+"""Ablations of seed 001's planner (Hou et al., arXiv 2505.23555, Figs. 2 and 3).
+
+The seed's sampling study compares its planned q against the sampling baselines with every
+client at full rank, and its rank study compares its planned s against the rank baselines
+with q fixed. These two methods are exactly those planned halves, run as Algorithm 1:
+
+  * proposed_q: s_i = 1; q from Algorithm 2's q-step (planner.plan_participation).
+  * proposed_s: q fixed at `sampling.participation_prob` (as the rank baselines);
+    integer ranks from the seed's greedy rule (planner.plan_ranks).
+
+Both need the bound constants, like `proposed`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..planner import InfeasiblePlan, plan_participation, plan_ranks
+from .proposed import Proposed, plan_problem
+from .rank_baselines import _FixedQ
+
+
+class ProposedQ(Proposed):
+    name = "proposed_q"
+    summary = "seed 001 ablation: planner picks q_i (Algorithm 2 q-step) at full rank s = 1"
+
+    def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
+        from ..config import InputError
+
+        try:
+            self.planned = plan_participation(plan_problem(self.ctx))
+        except InfeasiblePlan as e:
+            raise InputError(f"planner.constants: {e}") from None
+        return self.planned.participation_prob, self.planned.sketch_ratio
+
+
+class ProposedS(Proposed, _FixedQ):
+    name = "proposed_s"
+    summary = "seed 001 ablation: q fixed (sampling.participation_prob), planner picks ranks k_i (greedy)"
+
+    def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
+        from ..config import InputError
+
+        try:
+            self.planned = plan_ranks(plan_problem(self.ctx), self.participation())
+        except InfeasiblePlan as e:
+            raise InputError(f"planner.constants / sampling.participation_prob: {e}") from None
+        return self.planned.participation_prob, self.planned.sketch_ratio
