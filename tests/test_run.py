@@ -173,3 +173,18 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
         assert not out.exists(), "nothing may be written on bad input"
     res = cli("run", tmp_path / "none.yaml")
     assert res.returncode == 2 and "config file not found" in res.stderr
+
+
+def test_eval_schedule_by_rounds_and_by_simulated_time():
+    from fedlora.config import load_config
+    from fedlora.simulate import eval_due
+
+    cfg = load_config(None, ["train.rounds=10", "eval.every=3"])
+    assert [t for t in range(1, 11) if eval_due(cfg, t, 0.0, 1.0)] == [3, 6, 9, 10]
+    cfg = load_config(None, ["train.rounds=100", "eval.every_s=60", "eval.every=1"])
+    # rounds of 25 s: the clock crosses 60, 120, 180 s in rounds 3, 5, 8 (ends 75, 125, 200)
+    ends = [25.0 * t for t in range(0, 9)]
+    due = [t for t in range(1, 9) if eval_due(cfg, t, ends[t - 1], ends[t])]
+    assert due == [3, 5, 8]
+    cfg = load_config(None, ["train.rounds=100", "eval.every_s=60", "train.max_sim_time_s=70"])
+    assert eval_due(cfg, 3, 50.0, 75.0) and eval_due(cfg, 4, 75.0, 100.0)  # the stopping round is evaluated

@@ -155,6 +155,11 @@ class SketchConfig(_Strict):
 
 class EvalConfig(_Strict):
     every: int = Field(5, ge=1)  # rounds between evaluations on the fixed subset
+    # simulated seconds between evaluations (overrides `every`): the first round ending past
+    # each multiple is evaluated, so methods with short and long rounds get the same number
+    # of looks per simulated second (with `every`, short-round methods would get more chances
+    # to cross a target by evaluation noise)
+    every_s: float | None = Field(None, gt=0)
     max_examples: int | None = Field(200, ge=1)  # per task, periodic evaluation
     final_max_examples: int | None = Field(None, ge=1)  # per task, final evaluation (None: all)
     batch_size: int = Field(64, ge=1)

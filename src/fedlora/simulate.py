@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -361,6 +362,17 @@ def client_update(setup: Setup, method: Method, job, round_idx: int):
     return payload, None, bits
 
 
+def eval_due(cfg: RunConfig, t: int, before_s: float, after_s: float) -> bool:
+    """Evaluate after round t (which moved the clock from before_s to after_s)? Every
+    eval.every rounds, or (eval.every_s) when the round crossed a multiple of every_s; always
+    after the last round and the round that reaches max_sim_time_s."""
+    if t == cfg.train.rounds or (cfg.train.max_sim_time_s is not None and after_s >= cfg.train.max_sim_time_s):
+        return True
+    if cfg.eval.every_s is not None:
+        return math.floor(after_s / cfg.eval.every_s) > math.floor(before_s / cfg.eval.every_s)
+    return t % cfg.eval.every == 0
+
+
 def close_round(setup: Setup, method: Method, clock: RoundClock, prog: dict, t: int, state, rc, jobs: dict,
                 payloads: dict, losses: list, rejected: list, upload_bits: dict, *, history=None, stop_when=None,
                 extra: dict | None = None):
@@ -376,6 +388,7 @@ def close_round(setup: Setup, method: Method, clock: RoundClock, prog: dict, t: 
     download_values = rc.broadcast_values + sum(j.unicast_values for j in jobs.values())
     times = clock.round_time(t, ids, [jobs[i].compute_ratio for i in ids], [upload_bits[i] for i in ids],
                              download_values * bytes_per_value * 8, method.server_time_s())
+    before_s = prog["sim_time_s"]
     prog["sim_time_s"] += times["round_time_s"]
     up = int(sum(upload_bits[i] for i in jobs) // 8)
     down = int(download_values * bytes_per_value)
@@ -385,7 +398,7 @@ def close_round(setup: Setup, method: Method, clock: RoundClock, prog: dict, t: 
            "upload_bytes": up, "download_bytes": down,
            "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected, **(extra or {}),
            **rc.info}
-    if t % cfg.eval.every == 0 or t == rounds:
+    if eval_due(cfg, t, before_s, prog["sim_time_s"]):
         acc, mean = evaluate(setup, state, setup.eval_questions)
         row["eval"], row["eval_mean"] = acc, mean
         if target_reached(cfg.train.target_accuracy, acc, mean):
