@@ -168,6 +168,32 @@ def compare(config: Path = typer.Argument(..., help="YAML run config shared by e
 
 @app.command()
 @user_errors
+def study(studies: list[Path] = typer.Argument(..., help="study files (experiments/*.yaml)"),
+          out: Path = typer.Option(Path("runs/experiments"), "-o", "--out", help="study folder (resumable)"),
+          workers: int = typer.Option(1, "--workers", help="runs in parallel (worker processes)"),
+          seeds: Optional[str] = typer.Option(None, "--seeds", help="0,1: replace every study's seeds"),
+          quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+          overrides: Optional[list[str]] = typer.Option(None, "--set", help="override for every run, e.g. train.rounds=5")):
+    """Run studies: reference, targets fixed from it, pilots, then every method and seed; write the reports."""
+    from .compare import parse_seeds
+    from .study import run_studies
+
+    if workers < 1:
+        raise InputError(f"--workers: value {workers} must be >= 1")
+    quiet_libraries()
+    log = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    try:
+        summaries = run_studies(studies, out, workers=workers, seeds=parse_seeds(seeds), overrides=overrides or [],
+                                progress=not quiet, log=log)
+    except RuntimeError as e:  # some runs failed: the others finished and are reported
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1)
+    for name, summary in summaries.items():
+        typer.echo(f"## {name}\n\n{summary['markdown']}")
+
+
+@app.command()
+@user_errors
 def report(outs: list[Path] = typer.Argument(..., help="run folders, or folders holding run folders"),
            target: Optional[str] = typer.Option(None, "--target", help="0.6 (mean and each task) or TASK=ACC,TASK=ACC"),
            out: Optional[Path] = typer.Option(None, "-o", "--out", help="where to write (default: the first OUT)"),

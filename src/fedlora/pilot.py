@@ -43,6 +43,20 @@ def check_planner_inputs(cfg: RunConfig) -> None:
         raise InputError(f"planner.pilot.settings: {len(pc.settings)} settings; 4 or more are needed")
 
 
+def pilot_run_config(cfg: RunConfig, q: float, s: float, pc: PilotConfig) -> RunConfig:
+    """The config of one pilot: Algorithm 1 (`manual`) with one uniform (q, s), pilot stopping rule."""
+    pcfg = cfg.model_copy(deep=True)
+    pcfg.method = "manual"
+    pcfg.sampling.participation_prob = float(q)
+    pcfg.sketch.ratio = float(s)
+    pcfg.train.rounds = pc.max_rounds
+    pcfg.train.target_accuracy = pc.target_accuracy
+    pcfg.train.max_sim_time_s = None
+    pcfg.planner.pilot = False
+    pcfg.planner.constants = None
+    return pcfg
+
+
 def run_pilots(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True, log=print) -> dict:
     """Run the pilot settings into out/<k>_q<q>_s<s>/, estimate the constants, write
     out/constants.json and return it. Raises InputError with the reason when it cannot."""
@@ -58,14 +72,7 @@ def run_pilots(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True, 
     setup = setup or simulate.build_setup(cfg)
     observations, runs = [], []
     for k, (q, s) in enumerate(pc.settings):
-        pcfg = cfg.model_copy(deep=True)
-        pcfg.method = "manual"
-        pcfg.sampling.participation_prob = float(q)
-        pcfg.sketch.ratio = float(s)
-        pcfg.train.rounds = pc.max_rounds
-        pcfg.train.target_accuracy = pc.target_accuracy
-        pcfg.train.max_sim_time_s = None
-        pcfg.planner.pilot = False
+        pcfg = pilot_run_config(cfg, q, s, pc)
         folder = out / f"{k}_q{q:g}_s{s:g}"
         stop = (lambda rows: loss_reached(rows, pc.target_loss)) if pc.target_loss is not None else None
         log(f"pilot {k + 1}/{len(pc.settings)}: q={q:g} s={s:g} -> {folder}")

@@ -1,0 +1,423 @@
+"""Studies: several methods, seeds and settings run against targets fixed before the runs.
+
+A study file (YAML, see experiments/) names a base run config, overrides, the methods, the
+seeds and optionally variants (name -> overrides, for sensitivity sweeps). For every distinct
+setting (base + study overrides + variant overrides) the runner does, in this order:
+
+1. Reference: `reference` (default `sample_full`: every client, every round, full rank) with
+   seed 0, no target, `train.rounds` rounds. Its curve fixes, by a rule stated up front:
+   * the target of each task: acc0 + target_fraction * (acc_ref - acc0), acc0 the accuracy
+     before training, acc_ref the mean of the reference's last 3 evaluations; a task whose
+     gain acc_ref - acc0 is below `min_gain` gets no target (it did not learn at this scale);
+   * the pilot loss (for the planner's constants, seed 001 section V-A): the reference's
+     train loss (3-round mean) after two thirds of its rounds.
+   Both go to <setting>/targets.json and into every later run's config.yaml, before any of
+   those runs starts: nothing is tuned after seeing the compared methods.
+2. Pilots (only when a method plans): the 4 pilot settings of `planner.pilot.settings` per
+   seed, each stopped at the pilot loss; their rounds give the constants (planner
+   .estimate_constants), written to <setting>/pilot/seed<k>/constants.json.
+3. Methods: every method and seed, with train.target_accuracy = the targets (the run stops
+   once every target is reached), at most `rounds_cap` x the reference's rounds and
+   `time_cap` x its simulated time (a method not there by then is "not reached").
+
+Jobs of one phase run in parallel worker processes (`workers`); finished run folders are
+skipped, so an interrupted study resumes. Then report.report writes summary.md, summary.json
+and the plots per study (and variant).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import ConstantsConfig, InputError, RunConfig, dump_config, load_config, validate
+
+EVAL_WINDOW = 3  # reference evaluations averaged into acc_ref
+
+
+class StudySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    base: str  # run config, relative to the study file
+    overrides: list[str] = []  # dotted key=value, as `fedlora run --set`
+    methods: list[str]
+    seeds: list[int] = [0, 1, 2]
+    reference: str = "sample_full"
+    target_fraction: float = Field(0.8, gt=0, le=1)
+    min_gain: float = Field(0.03, ge=0)
+    targets: dict[str, float] | None = None  # fixed targets instead of the reference rule
+    rounds_cap: float = Field(4.0, ge=1)  # method runs: at most this many times the reference's rounds ...
+    time_cap: float = Field(1.5, ge=1)  # ... and this many times its simulated time
+    variants: dict[str, list[str]] | None = None  # sensitivity: name -> overrides
+
+
+@dataclass
+class Setting:
+    """One distinct run setting (data, model, system, training): its reference, targets, pilots."""
+    key: str
+    cfg: RunConfig  # method/seed as in the base; per job copies set them
+    folder: Path
+    seeds: set[int] = field(default_factory=set)
+    needs_pilot: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Job:
+    kind: str  # "reference" | "pilot" | "method"
+    cfg: RunConfig
+    folder: Path
+    stop_loss: float | None = None
+    label: str = ""
+
+
+# ----------------------------------------------------------------------------- loading
+def load_study(path: str | Path, extra_overrides: list[str] | None = None) -> tuple[StudySpec, list[tuple[str, RunConfig]]]:
+    """The study spec and its (variant name, config) list; raises InputError on bad input."""
+    from .methods import METHODS
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such study file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise InputError(f"{path}: field '{loc}': {err['msg']}") from None
+    for m in spec.methods + [spec.reference]:
+        if m not in METHODS:
+            raise InputError(f"{path}: field 'methods': unknown method '{m}' (known: {', '.join(sorted(METHODS))})")
+    if not spec.seeds or any(s < 0 for s in spec.seeds):
+        raise InputError(f"{path}: field 'seeds': give one or more seeds >= 0")
+    base = (path.parent / spec.base).resolve()
+    variants = spec.variants or {"": []}
+    out = []
+    for name, vo in variants.items():
+        cfg = load_config(base, list(spec.overrides) + list(vo) + list(extra_overrides or []))
+        out.append((name, cfg))
+    return spec, out
+
+
+def setting_key(cfg: RunConfig) -> str:
+    """What the reference, targets and pilots depend on: the config without method, seed,
+    target and stopping knobs."""
+    c = cfg.model_copy(deep=True)
+    c.method, c.seed = "manual", 0
+    c.train.target_accuracy = None
+    c.train.max_sim_time_s = None
+    c.planner.constants, c.planner.pilot = None, False
+    return hashlib.sha256(dump_config(c).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- rules
+def targets_from_reference(rows: list[dict], fraction: float, min_gain: float) -> dict:
+    """Per-task targets from the reference's metric rows (see the module docstring)."""
+    evals = [r for r in rows if isinstance(r.get("eval"), dict)]
+    if len(evals) < EVAL_WINDOW + 1:
+        raise InputError(f"reference: {len(evals)} evaluations; {EVAL_WINDOW + 1} or more are needed "
+                         "(raise train.rounds or lower eval.every)")
+    start, last = evals[0]["eval"], evals[-EVAL_WINDOW:]
+    out: dict[str, Any] = {"targets": {}, "start": start, "reference": {}, "no_gain": []}
+    for task in start:
+        ref = sum(r["eval"][task] for r in last) / EVAL_WINDOW
+        out["reference"][task] = ref
+        gain = ref - start[task]
+        if gain < min_gain:
+            out["no_gain"].append(task)
+        else:
+            out["targets"][task] = round(start[task] + fraction * gain, 3)
+    if not out["targets"]:
+        raise InputError(f"reference: no task gained {min_gain} accuracy; no target can be set "
+                         "(train longer or check the learning rate)")
+    return out
+
+
+def pilot_loss_from_reference(rows: list[dict]) -> float:
+    """The reference's train loss, mean of 3 rounds, after two thirds of its rounds. (Early
+    on the loss is flat: a shallower pilot target is met by every pilot in its first rounds
+    and the rounds then carry no information about q and s.)"""
+    from .pilot import LOSS_WINDOW
+
+    trained = [r for r in rows if r.get("train_loss") is not None]
+    at = max(LOSS_WINDOW, math.ceil(2 * len(trained) / 3))
+    window = trained[at - LOSS_WINDOW:at]
+    return sum(r["train_loss"] for r in window) / LOSS_WINDOW
+
+
+# ----------------------------------------------------------------------------- jobs
+def _read_rows(folder: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _run_job(kind: str, cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) -> dict:
+    """Worker: one run into `folder` (resumed if it has a checkpoint)."""
+    import torch
+
+    from . import simulate
+    from .quiet import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(threads)
+    cfg = validate(yaml.safe_load(cfg_yaml), folder)
+    folder = Path(folder)
+    stop = None
+    if stop_loss is not None:
+        from .pilot import loss_reached
+
+        def stop(rows):
+            return loss_reached(rows, stop_loss)
+    resume = any((folder / d / "progress.json").exists() for d in ("checkpoint", "checkpoint.old"))
+    key = (setting_key(cfg), cfg.seed)
+    if _SETUP_CACHE.get("key") != key:  # same data, profiles and model: reuse the last setup of this process
+        _SETUP_CACHE.clear()
+        _SETUP_CACHE.update(key=key, setup=simulate.build_setup(cfg))
+    return simulate.run(cfg, folder, resume=resume, overwrite=not resume, progress=False, stop_when=stop,
+                        setup=_SETUP_CACHE["setup"])
+
+
+_SETUP_CACHE: dict = {}  # one per process: the model is the big part, keep only the latest
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / "result.json").exists()
+
+
+class Runner:
+    def __init__(self, out: Path, workers: int, log: Callable[[str], None], progress: bool):
+        self.out, self.workers, self.log, self.progress = out, max(1, workers), log, progress
+        self.failures: list[tuple[str, str]] = []
+
+    def run(self, jobs: list[Job]) -> None:
+        todo = []
+        for j in jobs:
+            if _finished(j.folder):
+                saved = (j.folder / "config.yaml").read_text()
+                if saved != dump_config(j.cfg):
+                    raise InputError(f"{j.folder}/config.yaml: differs from this study's config for that run; "
+                                     "use another -o folder or remove that run")
+            else:
+                todo.append(j)
+        if not todo:
+            return
+        from tqdm.auto import tqdm
+
+        threads = max(1, (os.cpu_count() or 1) // min(self.workers, len(todo)))
+        bar = tqdm(total=len(todo), disable=not self.progress, unit="run", dynamic_ncols=True,
+                   desc=todo[0].kind + "s")
+        if self.workers == 1:
+            for j in todo:
+                self._one(j, lambda: _run_job(j.kind, dump_config(j.cfg), str(j.folder), j.stop_loss, threads))
+                bar.update(1)
+        else:
+            ctx = mp.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx) as pool:
+                futs = {pool.submit(_run_job, j.kind, dump_config(j.cfg), str(j.folder), j.stop_loss, threads): j
+                        for j in todo}
+                for f in cf.as_completed(futs):
+                    self._one(futs[f], f.result)
+                    bar.update(1)
+        bar.close()
+
+    def _one(self, job: Job, call) -> None:
+        try:
+            call()
+        except Exception as e:  # recorded and reported at the end; the other runs go on
+            msg = str(e) if isinstance(e, InputError) else "".join(traceback.format_exception(e))[-2000:]
+            self.failures.append((job.label, msg))
+            self.log(f"FAILED {job.label}: {msg.splitlines()[-1] if msg else type(e).__name__}")
+
+
+# ----------------------------------------------------------------------------- the study
+def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, seeds: list[int] | None = None,
+                overrides: list[str] | None = None, progress: bool = True,
+                log: Callable[[str], None] | None = None) -> dict:
+    """Run the study files into OUT (shared references and pilots under OUT/settings/);
+    returns {study name: report summary}. Raises InputError on bad input, RuntimeError when
+    runs failed (after every other run is done and reported)."""
+    from .report import report
+
+    out = Path(out)
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    studies = []
+    for p in paths:
+        spec, variants = load_study(p, overrides)
+        if seeds is not None:
+            spec.seeds = list(seeds)
+        studies.append((spec, variants))
+    names = [s.name for s, _ in studies]
+    if len(set(names)) != len(names):
+        raise InputError(f"study names must differ: {', '.join(names)}")
+    settings: dict[str, Setting] = {}
+    plan = []  # (spec, variant, setting, method folder root)
+    for spec, variants in studies:
+        for vname, cfg in variants:
+            key = setting_key(cfg)
+            st = settings.setdefault(key, Setting(key, cfg, out / "settings" / key))
+            st.seeds |= set(spec.seeds)
+            for m in spec.methods:
+                if _method_needs_constants(m) and cfg.planner.constants is None:
+                    st.needs_pilot |= set(spec.seeds)
+            plan.append((spec, vname, st, out / spec.name / vname if vname else out / spec.name))
+    runner = Runner(out, workers, log, progress)
+
+    # 1. references
+    ref_specs = {}
+    for spec, _v, st, _root in plan:
+        ref_specs.setdefault(st.key, spec)
+    jobs = []
+    for key, st in settings.items():
+        spec = ref_specs[key]
+        c = st.cfg.model_copy(deep=True)
+        c.method, c.seed = spec.reference, 0
+        c.train.target_accuracy, c.train.max_sim_time_s = None, None
+        jobs.append(Job("reference", c, st.folder / "reference", label=f"reference {key}"))
+    log(f"{len(settings)} setting(s): references")
+    runner.run(jobs)
+    _raise_failures(runner)
+    rules = {}
+    for key, st in settings.items():
+        spec = ref_specs[key]
+        rows = _read_rows(st.folder / "reference")
+        if spec.targets is None:
+            rule = targets_from_reference(rows, spec.target_fraction, spec.min_gain)
+        else:  # pre-registered targets replace the rule
+            rule = {"targets": dict(spec.targets), "start": rows[0].get("eval"), "no_gain": []}
+        rule["pilot_loss"] = pilot_loss_from_reference(rows)
+        rule["reference_rounds"] = int(rows[-1]["round"])
+        rule["reference_sim_time_s"] = float(rows[-1]["sim_time_s"])
+        rule["rule"] = "fixed targets of the study file" if spec.targets is not None else (f"target = acc0 + {spec.target_fraction} (acc_ref - acc0), acc_ref = mean of the last "
+                        f"{EVAL_WINDOW} evaluations of '{spec.reference}' seed 0; tasks gaining < {spec.min_gain}: "
+                        "no target; pilot loss = reference train loss (3-round mean) after two thirds of its rounds")
+        _write_json(st.folder / "targets.json", rule)
+        rules[key] = rule
+        log(f"setting {key}: targets {rule['targets']}" + (f", no gain on {rule['no_gain']}" if rule["no_gain"] else ""))
+
+    # 2. pilots
+    from .pilot import pilot_config, pilot_run_config
+
+    jobs = []
+    for key, st in settings.items():
+        cap = int(math.ceil(ref_specs[key].rounds_cap * rules[key]["reference_rounds"]))
+        pc = pilot_config(st.cfg).model_copy(update={"target_loss": rules[key]["pilot_loss"], "target_accuracy": None,
+                                                     "max_rounds": cap})
+        for seed in sorted(st.needs_pilot):
+            for k, (q, s) in enumerate(pc.settings):
+                c = pilot_run_config(st.cfg, q, s, pc)
+                c.seed = seed
+                jobs.append(Job("pilot", c, st.folder / "pilot" / f"seed{seed}" / f"{k}_q{q:g}_s{s:g}",
+                                stop_loss=pc.target_loss, label=f"pilot {key} seed {seed} q={q:g} s={s:g}"))
+    if jobs:
+        log(f"{len(jobs)} pilot run(s)")
+        runner.run(jobs)
+    constants: dict[tuple[str, int], dict] = {}
+    for key, st in settings.items():
+        for seed in sorted(st.needs_pilot):
+            try:
+                constants[key, seed] = _constants(st, seed, rules[key])
+            except InputError as e:  # the planning methods of this seed fail; the others still run
+                runner.failures.append((f"constants {key} seed {seed}", str(e)))
+                log(f"FAILED constants {key} seed {seed}: {e}")
+
+    # 3. methods
+    jobs = []
+    for spec, vname, st, root in plan:
+        rule = rules[st.key]
+        for seed in spec.seeds:
+            for m in spec.methods:
+                c = st.cfg.model_copy(deep=True)
+                c.method, c.seed = m, seed
+                c.train.target_accuracy = dict(rule["targets"])
+                c.train.rounds = int(math.ceil(spec.rounds_cap * rule["reference_rounds"]))
+                c.train.max_sim_time_s = spec.time_cap * rule["reference_sim_time_s"]
+                if _method_needs_constants(m) and c.planner.constants is None and (st.key, seed) not in constants:
+                    continue  # its pilots failed: recorded above
+                if (st.key, seed) in constants and (_method_needs_constants(m) or m == "sample_weighted"):
+                    # sample_weighted matches the planned expected participants (methods/sampling_baselines.py)
+                    c.planner.constants = ConstantsConfig(**constants[st.key, seed]["constants"])
+                jobs.append(Job("method", c, root / m / f"seed{seed}", label=f"{spec.name}{'/' + vname if vname else ''} "
+                                f"{m} seed {seed}"))
+    jobs.sort(key=lambda j: j.cfg.seed)  # every study's seed 0 first: a cut-short study still has one seed
+    log(f"{len(jobs)} method run(s)")
+    runner.run(jobs)
+
+    summaries = {}
+    for spec, vname, st, root in plan:
+        if root.exists():
+            summaries[f"{spec.name}{'/' + vname if vname else ''}"] = report([root], target=rules[st.key]["targets"],
+                                                                            baseline=None)
+    _raise_failures(runner)
+    return summaries
+
+
+def _method_needs_constants(name: str) -> bool:
+    from .methods import METHODS
+
+    return bool(METHODS[name].needs_constants)
+
+
+def _constants(st: Setting, seed: int, rule: dict) -> dict:
+    from .planner import ConstantEstimationError, PilotObservation, estimate_constants
+
+    folder = st.folder / "pilot" / f"seed{seed}"
+    saved = folder / "constants.json"
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no pilot runs (they failed to start)")
+    if saved.exists():
+        return json.loads(saved.read_text())
+    obs, runs = [], []
+    for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not (run_dir / "result.json").exists():
+            raise InputError(f"{run_dir}: pilot run did not finish")
+        res = json.loads((run_dir / "result.json").read_text())
+        cfg = validate(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
+        if res["stop_reason"] != "stop_when":
+            raise InputError(f"{run_dir}: pilot did not reach the pilot loss {rule['pilot_loss']:.4f} within "
+                             f"{cfg.train.rounds} rounds")
+        q, s = float(cfg.sampling.participation_prob), float(cfg.sketch.ratio)
+        obs.append(PilotObservation(participation_prob=q, sketch_ratio=s, rounds=float(res["rounds"])))
+        runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": res["rounds"], "folder": run_dir.name})
+    clients = json.loads((run_dir / "clients.json").read_text())  # same partition in every pilot of a seed
+    share = [row["data_share"] for row in (clients["clients"] if isinstance(clients, dict) else clients)]
+    try:
+        est = estimate_constants(obs, share)
+    except ConstantEstimationError as e:
+        raise InputError(f"{folder}: {e}") from None
+    report = {"constants": est.constants.to_dict(), "condition_number": est.condition_number,
+              "residual": est.residual, "pilot_loss": rule["pilot_loss"], "pilots": runs}
+    _write_json(saved, report)
+    return report
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _raise_failures(runner: Runner) -> None:
+    if runner.failures:
+        lines = "\n".join(f"  {label}: {msg.splitlines()[-1] if msg else ''}" for label, msg in runner.failures)
+        raise RuntimeError(f"{len(runner.failures)} run(s) failed:\n{lines}")
+
+
+__all__ = ["StudySpec", "load_study", "run_studies", "setting_key", "targets_from_reference",
+           "pilot_loss_from_reference"]

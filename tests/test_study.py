@@ -1,0 +1,119 @@
+"""Studies (fedlora.study): the target and pilot-loss rules by hand, bad study files, and the
+smallest study (experiments/smoke.yaml) end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedlora.config import InputError
+from fedlora.study import load_study, pilot_loss_from_reference, run_studies, setting_key, targets_from_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(evals, losses):
+    rows = [{"round": 0, "train_loss": None, "eval": evals[0], "sim_time_s": 0.0}]
+    for t, loss in enumerate(losses, 1):
+        row = {"round": t, "train_loss": loss, "sim_time_s": 10.0 * t}
+        if t < len(evals):
+            row["eval"] = evals[t]
+        rows.append(row)
+    return rows
+
+
+def test_targets_from_reference_by_hand():
+    evals = [{"a": 0.25, "b": 0.30}, {"a": 0.30, "b": 0.30}, {"a": 0.40, "b": 0.31},
+             {"a": 0.45, "b": 0.29}, {"a": 0.50, "b": 0.32}]
+    rule = targets_from_reference(_rows(evals, [1.0] * 4), fraction=0.8, min_gain=0.03)
+    ref_a = (0.40 + 0.45 + 0.50) / 3  # mean of the last 3 evaluations
+    assert rule["reference"]["a"] == pytest.approx(ref_a)
+    assert rule["targets"] == {"a": round(0.25 + 0.8 * (ref_a - 0.25), 3)}
+    assert rule["no_gain"] == ["b"]  # (0.31 + 0.29 + 0.32) / 3 - 0.30 = 0.007 < 0.03
+
+
+def test_targets_need_evaluations_and_some_gain():
+    flat = [{"a": 0.3}] * 5
+    with pytest.raises(InputError, match="no task gained"):
+        targets_from_reference(_rows(flat, [1.0] * 4), 0.8, 0.03)
+    with pytest.raises(InputError, match="evaluations"):
+        targets_from_reference(_rows([{"a": 0.3}, {"a": 0.5}], [1.0] * 4), 0.8, 0.03)
+
+
+def test_pilot_loss_is_the_three_round_mean_after_two_thirds():
+    losses = [1.4, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01]
+    # 16 trained rounds: two thirds is round 11 (ceil 10.67), the window rounds 9..11
+    assert pilot_loss_from_reference(_rows([{"a": 0.3}], losses)) == pytest.approx((0.6 + 0.5 + 0.4) / 3)
+    # 4 trained rounds: two thirds is round 3, the window rounds 1..3
+    assert pilot_loss_from_reference(_rows([{"a": 0.3}], losses[:4])) == pytest.approx((1.4 + 1.3 + 1.2) / 3)
+
+
+def test_bad_study_files(tmp_path):
+    def write(obj):
+        p = tmp_path / "s.yaml"
+        p.write_text(yaml.safe_dump(obj))
+        return p
+
+    base = str(ROOT / "configs" / "smoke.yaml")
+    with pytest.raises(InputError, match="unknown method 'nope'"):
+        load_study(write({"name": "x", "base": base, "methods": ["nope"]}))
+    with pytest.raises(InputError, match="field 'target_fraction'"):
+        load_study(write({"name": "x", "base": base, "methods": ["fslora"], "target_fraction": 1.5}))
+    with pytest.raises(InputError, match="field 'colour'"):
+        load_study(write({"name": "x", "base": base, "methods": ["fslora"], "colour": 1}))
+    with pytest.raises(InputError, match="no such study file"):
+        load_study(tmp_path / "missing.yaml")
+    with pytest.raises(InputError, match="config file not found"):
+        load_study(write({"name": "x", "base": "nowhere.yaml", "methods": ["fslora"]}))
+
+
+def test_shipped_studies_load_and_share_one_setting():
+    keys = set()
+    for name in ("sampling", "rank", "sota"):
+        spec, variants = load_study(ROOT / "experiments" / f"{name}.yaml")
+        assert len(spec.seeds) >= 3
+        keys |= {setting_key(cfg) for _, cfg in variants}
+    assert len(keys) == 1  # one reference, one set of targets and pilots for the three studies
+    spec, variants = load_study(ROOT / "experiments" / "sensitivity.yaml")
+    assert len({setting_key(cfg) for _, cfg in variants}) == len(variants)
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(tmp_path):
+    out = tmp_path / "study"
+    summaries = run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, progress=False, log=lambda m: None)
+    spec, _ = load_study(ROOT / "experiments" / "smoke.yaml")
+    (setting,) = list((out / "settings").iterdir())
+    rule = json.loads((setting / "targets.json").read_text())
+    assert rule["targets"] == spec.targets
+    ref_rows = [json.loads(ln) for ln in (setting / "reference" / "metrics.jsonl").read_text().splitlines()]
+    assert rule["reference_rounds"] == ref_rows[-1]["round"]
+    for m in spec.methods:
+        run = out / "smoke" / m / "seed0"
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["method"] == m
+        assert cfg["train"]["target_accuracy"] == spec.targets  # written before the run
+        assert cfg["train"]["max_sim_time_s"] == pytest.approx(spec.time_cap * rule["reference_sim_time_s"])
+        res = json.loads((run / "result.json").read_text())
+        assert res["stop_reason"] in ("target_accuracy", "max_sim_time", "max_rounds")
+    assert (out / "smoke" / "summary.md").exists()
+    assert set(summaries) == {"smoke"}
+    # a second call finds every run finished and trains nothing
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, progress=False, log=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+
+
+def test_cli_study_bad_input_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    res = CliRunner().invoke(app, ["study", str(tmp_path / "none.yaml"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no such study file" in res.output
+    res = CliRunner().invoke(app, ["study", str(ROOT / "experiments" / "smoke.yaml"), "--workers", "0"])
+    assert res.exit_code == 2 and "--workers" in res.output
+    assert not (tmp_path / "o").exists()
