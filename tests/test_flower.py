@@ -94,24 +94,6 @@ def test_flower_simulation_two_rounds_matches_inprocess(flower_sim, tmp_path):
 
 # Strong enough that a node training without SOFT's regularizer or on an unmerged base
 # leaves the tolerances (on the smoke config the default lambda and lr stay within them).
-STRONG = {"soft": ["options.soft_lambda=1", "train.lr=0.02"], "flora": ["train.lr=0.02"]}
-
-
-@pytest.mark.parametrize("method", ["soft", "flora"])
-def test_flower_simulation_soft_and_flora_match_inprocess(flower_sim, tmp_path, method):
-    """SOFT (regularizer rebuilt on the node) and FLoRA (server's merged base sent to the
-    nodes) on the simulation engine: the simulator's numbers, 2 rounds."""
-    overrides = [f"method={method}", "train.rounds=2", *STRONG[method]]
-    out = tmp_path / "flower_out"
-    done = flower_sim.run(SMOKE, out, overrides=overrides, round_timeout=300, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:]
-    check_result(out)
-    got = rows(out)
-    assert all(r["missing"] == [] and r["rejected"] == [] for r in got[1:])
-    assert sum(len(r["participants"]) for r in got[1:]) > 0
-    assert_same_numbers(inprocess(tmp_path, overrides), got)
-
-
 @pytest.mark.slow
 def test_local_deployment_matches_inprocess(flower_deploy, tmp_path):
     """SuperLink + 3 SuperNodes on 127.0.0.1 (partition-id 0..2): same numbers as the simulator."""
@@ -136,7 +118,7 @@ def test_deployment_node_killed_mid_run_is_missing_and_rejoins(flower_deploy, tm
 
     overrides = ["data.num_clients=3", "train.rounds=4", "sampling.participation_prob=1.0", "eval.every=4"]
     out = tmp_path / "fault_out"
-    cmd = flower_deploy.run_command(SMOKE, out, overrides=overrides, round_timeout=90, connect_timeout=300)
+    cmd = flower_deploy.run_command(SMOKE, out, overrides=overrides, round_timeout=45, connect_timeout=300)
     log = open(flower_deploy.logs / "flwr-run-fault.log", "wb")
     proc = subprocess.Popen(cmd, env=flower_deploy.env, cwd=flower_deploy.workdir, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -71,7 +71,6 @@ class Setting:
     key: str
     cfg: RunConfig  # method/seed as in the base; per job copies set them
     folder: Path
-    seeds: set[int] = field(default_factory=set)
     needs_pilot: set[int] = field(default_factory=set)
 
 
@@ -271,7 +270,6 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
         for vname, cfg in variants:
             key = setting_key(cfg)
             st = settings.setdefault(key, Setting(key, cfg, out / "settings" / key))
-            st.seeds |= set(spec.seeds)
             for m in spec.methods:
                 if _method_needs_constants(m) and cfg.planner.constants is None:
                     st.needs_pilot |= set(spec.seeds)
@@ -281,7 +279,10 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
     # 1. references
     ref_specs = {}
     for spec, _v, st, _root in plan:
-        ref_specs.setdefault(st.key, spec)
+        first = ref_specs.setdefault(st.key, spec)
+        if _rule_fields(first) != _rule_fields(spec):
+            raise InputError(f"studies '{first.name}' and '{spec.name}' share a setting but not its target rule "
+                             "(reference, target_fraction, min_gain, targets, rounds_cap, time_cap); run them apart")
     jobs = []
     for key, st in settings.items():
         spec = ref_specs[key]
@@ -365,6 +366,10 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
                                                                             baseline=None)
     _raise_failures(runner)
     return summaries
+
+
+def _rule_fields(spec: StudySpec) -> tuple:
+    return (spec.reference, spec.target_fraction, spec.min_gain, spec.targets, spec.rounds_cap, spec.time_cap)
 
 
 def _method_needs_constants(name: str) -> bool:
