@@ -12,7 +12,8 @@ import pytest
 from fedlora import pilot, simulate
 from fedlora.config import InputError, load_config
 from fedlora.methods.proposed import plan_problem
-from fedlora.planner import BoundConstants, plan
+from fedlora.methods import get_method
+from fedlora.planner import BoundConstants, plan, plan_participation, plan_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -38,6 +39,20 @@ def test_run_plans_then_trains_with_the_plan(setup, tmp_path):
     per_rank = sum(i + o for i, o in setup.engine.module_shapes.values()) * 4
     for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()[1:]):
         assert row["upload_bytes"] == sum(written["ranks"][i] * per_rank for i in row["participants"])
+
+
+def test_ablations_plan_one_half_each(setup):
+    ctx = setup.method_context()
+    ctx.constants = BoundConstants(2.0, 1.0, 0.05, 0.5)
+    q_only = get_method("proposed_q")(ctx)
+    q, s = q_only.choose_q_s()
+    assert np.all(s == 1.0)
+    np.testing.assert_array_equal(q, plan_participation(plan_problem(ctx)).participation_prob)
+    s_only = get_method("proposed_s")(ctx)
+    q, s = s_only.choose_q_s()
+    fixed = float(setup.cfg.sampling.participation_prob)
+    assert np.all(q == fixed)
+    np.testing.assert_array_equal(s, plan_ranks(plan_problem(ctx), np.full(len(q), fixed)).sketch_ratio)
 
 
 def test_plan_command_json(tmp_path):

@@ -161,9 +161,14 @@ def bad_input_cases(tmp_path):
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
-    for i, (overrides, needles) in enumerate(bad_input_cases(tmp_path)):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = bad_input_cases(tmp_path)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # each case is a process start; two at a time
+        results = list(pool.map(lambda ic: cli("run", SMOKE, "-o", tmp_path / f"out{ic[0]}", "--quiet", *ic[1][0]),
+                                enumerate(cases)))
+    for i, ((overrides, needles), res) in enumerate(zip(cases, results)):
         out = tmp_path / f"out{i}"
-        res = cli("run", SMOKE, "-o", out, "--quiet", *overrides)
         assert res.returncode == 2, (overrides, res.stderr[-2000:])
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..planner import InfeasiblePlan, plan_participation, plan_ranks
-from .proposed import Proposed, plan_problem
+from ..planner import plan_participation, plan_ranks
+from .proposed import Proposed
 from .rank_baselines import _FixedQ
 
 
@@ -25,12 +25,7 @@ class ProposedQ(Proposed):
     summary = "seed 001 ablation: planner picks q_i (Algorithm 2 q-step) at full rank s = 1"
 
     def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
-        from ..config import InputError
-
-        try:
-            self.planned = plan_participation(plan_problem(self.ctx))
-        except InfeasiblePlan as e:
-            raise InputError(f"planner.constants: {e}") from None
+        self.planned = self.run_planner(plan_participation)
         return self.planned.participation_prob, self.planned.sketch_ratio
 
 
@@ -39,10 +34,5 @@ class ProposedS(Proposed, _FixedQ):
     summary = "seed 001 ablation: q fixed (sampling.participation_prob), planner picks ranks k_i (greedy)"
 
     def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
-        from ..config import InputError
-
-        try:
-            self.planned = plan_ranks(plan_problem(self.ctx), self.participation())
-        except InfeasiblePlan as e:
-            raise InputError(f"planner.constants / sampling.participation_prob: {e}") from None
+        self.planned = self.run_planner(plan_ranks, self.participation())
         return self.planned.participation_prob, self.planned.sketch_ratio

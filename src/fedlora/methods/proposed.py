@@ -31,14 +31,18 @@ class Proposed(IndependentSketch):
     needs_constants = True
 
     def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
+        self.planned = self.run_planner(plan)
+        return self.planned.participation_prob, self.planned.sketch_ratio
+
+    def run_planner(self, planner, *args):
+        """planner(problem, *args) -> Plan; an infeasible problem is an input error."""
         from ..config import InputError
         from ..planner import InfeasiblePlan
 
         try:
-            self.planned = plan(plan_problem(self.ctx))
+            return planner(plan_problem(self.ctx), *args)
         except InfeasiblePlan as e:
-            raise InputError(f"planner.constants: {e}") from None
-        return self.planned.participation_prob, self.planned.sketch_ratio
+            raise InputError(f"planner.constants / sampling.participation_prob: {e}") from None
 
     def plan(self) -> dict:
         out = super().plan()
