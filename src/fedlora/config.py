@@ -106,6 +106,7 @@ class SystemConfig(_Strict):
     downlink_bps: float = Field(1e8, gt=0)  # server broadcast rate
     allocation: Literal["equal_finish", "equal_split"] = "equal_finish"
     bytes_per_value: Literal[2, 4] = 4
+    server_flops_hz: float = Field(1e11, gt=0)  # server arithmetic rate: server-side work (FlexLoRA's SVDs) on the clock
     compute_model: ComputeModelConfig = ComputeModelConfig()
     profiles: ProfilesConfig = ProfilesConfig()
 

@@ -11,9 +11,11 @@ the full-size (out x in) aggregate of the clients' local products
 
 takes its SVD W = U diag(S) V^T and hands client i the best rank-r_i approximation
 (Eckart-Young) B_i = U[:, :r_i] diag(S[:r_i]), A_i = V[:, :r_i]^T by unicast
-(r_i (in + out) values per module). The SVD is real server work: it is timed with
-time.perf_counter (the products and the SVDs of every module) and charged on the clock
-through `server_time_s()` in the round that aggregates.
+(r_i (in + out) values per module). The products and SVDs are real server work, charged
+on the clock through `server_time_s()` in the round that aggregates as a FLOP count over
+`system.server_flops_hz` (`server_flops`: 2 out r_i in per product plus the thin SVD's
+4 m n^2 + 22 n^3, m >= n, Golub & Van Loan's R-SVD count), not as the wall time of the
+machine that runs the simulation, which would make the simulated clock depend on it.
 
 Choices where the paper is vague:
   * Split of the singular values: B = U_r diag(S_r), A = V_r^T (rows of A orthonormal).
@@ -49,8 +51,6 @@ Choices where the paper is vague:
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -69,6 +69,15 @@ def weighted_product(factors: dict[int, tuple[torch.Tensor, torch.Tensor]], weig
         term = weights[i] * (b @ a)
         w = term if w is None else w + term
     return w
+
+
+def server_flops(shape: tuple[int, int], ranks: list[int]) -> float:
+    """FLOPs of one module's server step: the weighted products B_i A_i (2 out r_i in each,
+    plus the accumulation) and the thin SVD of the out x in sum (4 m n^2 + 22 n^3, m >= n)."""
+    n_in, n_out = shape
+    m, n = max(n_in, n_out), min(n_in, n_out)
+    products = sum(2.0 * n_out * k * n_in + 2.0 * n_out * n_in for k in ranks)
+    return products + 4.0 * m * n * n + 22.0 * n ** 3
 
 
 def svd_truncation(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +121,14 @@ class FlexLoRA(FixedSizeSampling):
         ids = sorted(payloads)
         weights = self.shares(ids)
         factors = {i: split_payload(payloads[i]) for i in ids}
-        t0 = time.perf_counter()
+        ranks = [int(self.ranks[i]) for i in ids]
+        flops = sum(server_flops(self.ctx.module_shapes[name], ranks) for name in state)
+        self._server_s = flops / self.ctx.cfg.system.server_flops_hz
         new = {}
         for name in state:
             w = weighted_product({i: factors[i][name] for i in ids}, weights)
             a, b = svd_truncation(w, self.ctx.rank)
             new[name] = (a.to(state[name][0].dtype), b.to(state[name][1].dtype))
-        self._server_s = time.perf_counter() - t0
         return new
 
     def server_time_s(self) -> float:
