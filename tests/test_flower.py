@@ -118,7 +118,7 @@ def test_deployment_node_killed_mid_run_is_missing_and_rejoins(flower_deploy, tm
 
     overrides = ["data.num_clients=3", "train.rounds=3", "sampling.participation_prob=1.0", "eval.every=3"]
     out = tmp_path / "fault_out"
-    cmd = flower_deploy.run_command(SMOKE, out, overrides=overrides, round_timeout=45, connect_timeout=300)
+    cmd = flower_deploy.run_command(SMOKE, out, overrides=overrides, round_timeout=60, connect_timeout=300)
     log = open(flower_deploy.logs / "flwr-run-fault.log", "wb")
     proc = subprocess.Popen(cmd, env=flower_deploy.env, cwd=flower_deploy.workdir, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -271,7 +271,7 @@ def test_fake_grid_matches_inprocess(tmp_path, task_identity):
         [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in ref]
 
 
-@pytest.mark.parametrize("method", ["soft", "tsfa", "flora"])
+@pytest.mark.parametrize("method", ["soft", "flora"])  # tsfa sends its regularizer as soft does
 def test_fake_grid_soft_and_flora_match_inprocess(tmp_path, task_identity, own_node_setup, method):
     """Nodes with their own model: SOFT's (and TSFA's) regularizer and FLoRA's merged base
     reach them, so the rows equal the simulator's exactly."""
