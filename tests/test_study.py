@@ -117,3 +117,38 @@ def test_cli_study_bad_input_exits_2(tmp_path):
     res = CliRunner().invoke(app, ["study", str(ROOT / "experiments" / "smoke.yaml"), "--workers", "0"])
     assert res.exit_code == 2 and "--workers" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_constants_from_pilot_folders_recover_the_model(tmp_path):
+    """The study's pilot step reads each pilot's config, rounds and the clients' data shares
+    and recovers constants that generated those rounds (Theorem-1 rounds factor)."""
+    import numpy as np
+
+    from fedlora.config import PilotConfig, dump_config, load_config
+    from fedlora.pilot import pilot_run_config
+    from fedlora.planner import BoundConstants, rounds_factor
+    from fedlora.study import Setting, _constants
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    truth = BoundConstants(3.0, 1.5, 0.2, 0.9)
+    share = np.array([0.1, 0.2, 0.3, 0.4])
+    pc = PilotConfig(target_loss=1.0, max_rounds=100)
+    folder = tmp_path / "setting"
+    for k, (q, s) in enumerate([(1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (0.5, 0.5)]):
+        run = folder / "pilot" / "seed0" / f"{k}_q{q:g}_s{s:g}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(dump_config(pilot_run_config(cfg, q, s, pc)))
+        rounds = rounds_factor(np.full(4, q), np.full(4, s), share, truth)
+        (run / "result.json").write_text(json.dumps({"stop_reason": "stop_when", "rounds": rounds}))
+        (run / "clients.json").write_text(json.dumps([{"id": i, "data_share": float(p)} for i, p in enumerate(share)]))
+    report = _constants(Setting("k", cfg, folder), 0, {"pilot_loss": 1.0})
+    got = report["constants"]
+    want = np.array([truth.alpha, truth.beta, truth.gamma, truth.delta]) / truth.beta
+    np.testing.assert_allclose([got[n] / got["beta"] for n in ("alpha", "beta", "gamma", "delta")], want, rtol=1e-6)
+    assert (folder / "pilot" / "seed0" / "constants.json").exists()
+    # a pilot that did not reach the pilot loss is an input error, not a silent estimate
+    (folder / "pilot" / "seed0" / "constants.json").unlink()
+    (folder / "pilot" / "seed0" / "0_q1_s1" / "result.json").write_text(
+        json.dumps({"stop_reason": "max_rounds", "rounds": 100}))
+    with pytest.raises(InputError, match="did not reach the pilot loss"):
+        _constants(Setting("k", cfg, folder), 0, {"pilot_loss": 1.0})
