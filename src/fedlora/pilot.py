@@ -84,14 +84,20 @@ def run_pilots(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True, 
         observations.append(PilotObservation(participation_prob=float(q), sketch_ratio=float(s),
                                              rounds=float(result["rounds"])))
         runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": result["rounds"], "folder": str(folder)})
-    try:
-        est = estimate_constants(observations, setup.data_share)
-    except ConstantEstimationError as e:
-        raise InputError(f"planner.pilot: {e}") from None
-    report = {"constants": est.constants.to_dict(), "condition_number": est.condition_number,
-              "residual": est.residual, "singular_values": [float(x) for x in est.singular_values], "pilots": runs}
+    report = constants_report(observations, setup.data_share, runs, "planner.pilot")
     (out / "constants.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def constants_report(observations: list[PilotObservation], data_share, runs: list[dict], where: str) -> dict:
+    """Estimate the constants from the pilots' rounds: the constants.json content. Raises
+    InputError (prefixed with `where`) when the pilots contradict the bound's model."""
+    try:
+        est = estimate_constants(observations, data_share)
+    except ConstantEstimationError as e:
+        raise InputError(f"{where}: {e}") from None
+    return {"constants": est.constants.to_dict(), "condition_number": est.condition_number,
+            "residual": est.residual, "singular_values": [float(x) for x in est.singular_values], "pilots": runs}
 
 
 def resolve_constants(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True) -> BoundConstants:

@@ -166,7 +166,7 @@ def _read_rows(folder: Path) -> list[dict]:
     return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
-def _run_job(kind: str, cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) -> dict:
+def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) -> dict:
     """Worker: one run into `folder` (resumed if it has a checkpoint)."""
     import torch
 
@@ -200,8 +200,8 @@ def _finished(folder: Path) -> bool:
 
 
 class Runner:
-    def __init__(self, out: Path, workers: int, log: Callable[[str], None], progress: bool):
-        self.out, self.workers, self.log, self.progress = out, max(1, workers), log, progress
+    def __init__(self, workers: int, log: Callable[[str], None], progress: bool):
+        self.workers, self.log, self.progress = max(1, workers), log, progress
         self.failures: list[tuple[str, str]] = []
 
     def run(self, jobs: list[Job]) -> None:
@@ -223,12 +223,12 @@ class Runner:
                    desc=todo[0].kind + "s")
         if self.workers == 1:
             for j in todo:
-                self._one(j, lambda: _run_job(j.kind, dump_config(j.cfg), str(j.folder), j.stop_loss, threads))
+                self._one(j, lambda: _run_job(dump_config(j.cfg), str(j.folder), j.stop_loss, threads))
                 bar.update(1)
         else:
             ctx = mp.get_context("spawn")
             with cf.ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx) as pool:
-                futs = {pool.submit(_run_job, j.kind, dump_config(j.cfg), str(j.folder), j.stop_loss, threads): j
+                futs = {pool.submit(_run_job, dump_config(j.cfg), str(j.folder), j.stop_loss, threads): j
                         for j in todo}
                 for f in cf.as_completed(futs):
                     self._one(futs[f], f.result)
@@ -274,7 +274,7 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
                 if _method_needs_constants(m) and cfg.planner.constants is None:
                     st.needs_pilot |= set(spec.seeds)
             plan.append((spec, vname, st, out / spec.name / vname if vname else out / spec.name))
-    runner = Runner(out, workers, log, progress)
+    runner = Runner(workers, log, progress)
 
     # 1. references
     ref_specs = {}
@@ -379,7 +379,8 @@ def _method_needs_constants(name: str) -> bool:
 
 
 def _constants(st: Setting, seed: int, rule: dict) -> dict:
-    from .planner import ConstantEstimationError, PilotObservation, estimate_constants
+    from .pilot import constants_report
+    from .planner import PilotObservation
 
     folder = st.folder / "pilot" / f"seed{seed}"
     saved = folder / "constants.json"
@@ -400,13 +401,8 @@ def _constants(st: Setting, seed: int, rule: dict) -> dict:
         obs.append(PilotObservation(participation_prob=q, sketch_ratio=s, rounds=float(res["rounds"])))
         runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": res["rounds"], "folder": run_dir.name})
     clients = json.loads((run_dir / "clients.json").read_text())  # same partition in every pilot of a seed
-    share = [row["data_share"] for row in (clients["clients"] if isinstance(clients, dict) else clients)]
-    try:
-        est = estimate_constants(obs, share)
-    except ConstantEstimationError as e:
-        raise InputError(f"{folder}: {e}") from None
-    report = {"constants": est.constants.to_dict(), "condition_number": est.condition_number,
-              "residual": est.residual, "pilot_loss": rule["pilot_loss"], "pilots": runs}
+    report = constants_report(obs, [row["data_share"] for row in clients], runs, str(folder))
+    report["pilot_loss"] = rule["pilot_loss"]
     _write_json(saved, report)
     return report
 
