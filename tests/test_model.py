@@ -98,6 +98,7 @@ def test_resolve_model_path(tmp_path):
 def test_module_names_shapes_and_init(engine):
     names = list(engine.module_shapes)
     assert names == sorted(names) and len(names) == 13  # 6 layers x (query, value) + the score head
+    assert engine.frozen_prefix == 0  # LoRA in every block: nothing to cache
     assert names[0] == "encoder.encoder.layer.0.attention.self.query"
     assert engine.module_shapes[SCORE_HEAD] == (384, 1)
     assert all(s == (384, 384) for n, s in engine.module_shapes.items() if n != SCORE_HEAD)
@@ -205,6 +206,41 @@ def test_nonfinite_stops_early(engine):
     assert not res.finite and res.num_steps < 5
     with pytest.raises(ModelError):
         engine.train_local(start, scaling=4.0, batches=[QS], lr=0.1, optimizer="lbfgs")
+
+
+def test_frozen_prefix_cache_matches_full_forward():
+    """LoRA in the top block only: the cached bottom blocks give the scores, the trained
+    state and a FLoRA-style merge of the full forward pass (same math, only cached)."""
+    eng = Engine(ModelSpec(EMBEDDED_MODEL, max_length=32, lora_layers=(4, 5)), rank=4, seed=0)
+    assert eng.frozen_prefix == 4
+    assert sorted(eng.layers) == sorted([f"encoder.encoder.layer.{i}.attention.self.{m}"
+                                         for i in (4, 5) for m in ("query", "value")] + [SCORE_HEAD])
+    st = random_state(eng, 3)
+    batches = [QS[:3], QS[3:6], QS[:2] + QS[4:]]
+
+    def run():
+        scores = eng.scores(st, scaling=2.0, questions=QS, batch_size=3)
+        res = eng.train_local(st, scaling=2.0, batches=batches, lr=1e-2, optimizer="adamw")
+        name = list(eng.layers)[0]
+        eng.merge_into_base({name: torch.randn(384, 384, generator=torch.Generator().manual_seed(1)) * 0.02})
+        merged = eng.scores(st, scaling=2.0, questions=QS)
+        eng.load_base_delta({})
+        return scores, res, merged
+
+    cached = run()
+    assert len(eng._prefix_cache) == sum(len(q.options) for q in QS)
+    eng.frozen_prefix = 0  # the full forward pass through all six blocks
+    full = run()
+    fin = torch.isfinite(full[0])
+    assert torch.equal(fin, torch.isfinite(cached[0]))
+    assert (cached[0][fin] - full[0][fin]).abs().max() < 1e-5
+    assert (cached[2][fin] - full[2][fin]).abs().max() < 1e-5
+    assert (cached[2][fin] - cached[0][fin]).abs().max() > 1e-3  # the merge did change the scores
+    assert cached[1].losses == pytest.approx(full[1].losses, abs=1e-5)
+    for n, (a, b) in full[1].state.items():
+        assert torch.allclose(cached[1].state[n][0], a, atol=1e-5) and torch.allclose(cached[1].state[n][1], b, atol=1e-5)
+    with pytest.raises(ModelError, match=r"lora.layers \[9\]"):
+        Engine(ModelSpec(EMBEDDED_MODEL, max_length=32, lora_layers=(5, 9)), rank=4, seed=0)
 
 
 def test_flops_per_step(engine):

@@ -152,3 +152,49 @@ def test_constants_from_pilot_folders_recover_the_model(tmp_path):
         json.dumps({"stop_reason": "max_rounds", "rounds": 100}))
     with pytest.raises(InputError, match="did not reach the pilot loss"):
         _constants(Setting("k", cfg, folder), 0, {"pilot_loss": 1.0})
+
+
+_ORPHAN_SCRIPT = """
+import concurrent.futures as cf, multiprocessing as mp, os, sys, time
+from fedlora.study import _exit_with_parent
+
+def job(path):
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                                  initargs=(os.getpid(),))
+    pool.submit(job, sys.argv[1])
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os._exit(0)  # the study process dies without any cleanup (as under kill -9)
+"""
+
+
+def test_workers_exit_when_the_study_process_dies(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    pid_file = tmp_path / "worker.pid"
+    subprocess.run([sys.executable, str(script), str(pid_file)], check=True, timeout=120)
+    pid = int(pid_file.read_text())
+
+    def alive():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # an exited child of a dead parent is reaped by init; a zombie counts as gone
+        stat = Path(f"/proc/{pid}/stat")
+        return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+    deadline = time.time() + 20
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive(), "the worker outlived the study process"

@@ -44,6 +44,9 @@ class LoraConfig(_Strict):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     target_modules: list[str] | None = None  # None: the model kind's default (query/value)
+    # transformer blocks that get LoRA (None: all). With an encoder, the frozen blocks below
+    # the lowest one are computed once per (question, option) and cached (model.Engine).
+    layers: list[int] | None = Field(None, min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
 
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 AdapterState = dict[str, tuple[Tensor, Tensor]]
+_BLOCK_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_MODEL.lower(), "minilm", "all-minilm-l6-v2", "embedded:minilm"}
@@ -91,6 +92,7 @@ class ModelSpec:
     kind: Literal["auto", "encoder", "causal"] = "auto"
     max_length: int = 64
     target_modules: tuple[str, ...] | None = None  # None -> DEFAULT_TARGETS[kind]
+    lora_layers: tuple[int, ...] | None = None  # transformer blocks that get LoRA; None: all
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     score: Literal["option", "answer"] = "option"  # causal only
@@ -107,12 +109,16 @@ class ModelSpec:
             (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             (self.target_modules is None or len(self.target_modules) > 0, "target_modules must not be empty"),
+            (self.lora_layers is None or (len(self.lora_layers) > 0 and min(self.lora_layers) >= 0),
+             f"lora layers must be a non-empty list of block indices >= 0, got {self.lora_layers}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ModelError(f"model: {msg}")
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.lora_layers is not None:
+            object.__setattr__(self, "lora_layers", tuple(sorted({int(i) for i in self.lora_layers})))
 
 
 @dataclass
@@ -162,6 +168,31 @@ class CrossEncoderScorer(torch.nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                          token_type_ids=token_type_ids).last_hidden_state
+        return self._pool_and_score(h, attention_mask)
+
+    # The same computation split at an encoder layer, so the frozen bottom can be cached
+    # (Engine: LoRA only in the top layers). Equal to forward() up to float rounding
+    # (tests/test_model.py::test_frozen_prefix_cache_matches_full_forward).
+    def hidden_before(self, layer: int, input_ids: Tensor, attention_mask: Tensor,
+                      token_type_ids: Tensor | None = None) -> Tensor:
+        """Hidden states entering encoder layer `layer` (embeddings + layers[:layer])."""
+        h = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        return self._run_layers(h, attention_mask, self.encoder.encoder.layer[:layer])
+
+    def forward_from(self, layer: int, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """Scores from the hidden states entering encoder layer `layer`."""
+        h = self._run_layers(hidden, attention_mask, self.encoder.encoder.layer[layer:])
+        return self._pool_and_score(h, attention_mask)
+
+    def _run_layers(self, h: Tensor, attention_mask: Tensor, layers) -> Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask)
+        for layer in layers:
+            h = layer(h, mask)
+        return h
+
+    def _pool_and_score(self, h: Tensor, attention_mask: Tensor) -> Tensor:
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
         return self.score_head(pooled).squeeze(-1)
@@ -212,7 +243,7 @@ class Engine:
 
         self._lora_config = lambda r, alpha=spec.lora_alpha: LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=spec.lora_dropout,
-            target_modules=list(self.targets), bias="none")
+            target_modules=self._target_pattern(), bias="none")
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
@@ -233,6 +264,12 @@ class Engine:
         if not self.layers:
             raise ModelError(f"lora target_modules {list(self.targets)} match no module of {self.path}")
         self.module_shapes = {n: (m.in_features, m.out_features) for n, m in self.layers.items()}
+        if spec.lora_layers is not None:
+            found = {int(m.group(1)) for n in self.layers if (m := _BLOCK_INDEX.search(n))}
+            if missing := sorted(set(spec.lora_layers) - found):
+                raise ModelError(f"lora.layers {missing} match no {list(self.targets)} module of {self.path}")
+        self.frozen_prefix = self._frozen_prefix_layers()
+        self._prefix_cache: dict[tuple[str, str], Tensor] = {}  # (question, option) -> hidden [len, H]
         self._w0: dict[str, Tensor] = {}  # originals of merged modules (CPU float32)
         self._base_delta: dict[str, Tensor] = {}
         self._tok_cache: dict[tuple[str, bool], list[int]] = {}
@@ -240,6 +277,34 @@ class Engine:
         self._seen_samples = 0
         # matmul parameters (embedding lookups cost no FLOPs): 2 FLOPs / param / token forward
         self._linear_params = sum(m.weight.numel() for m in self.net.modules() if isinstance(m, torch.nn.Linear))
+
+    def _target_pattern(self) -> list[str] | str:
+        """PEFT target_modules: the names, or with lora_layers a regex limited to those blocks
+        (PEFT's layers_to_transform would drop the score head, which sits in no block)."""
+        if self.spec.lora_layers is None:
+            return list(self.targets)
+        names = "|".join(re.escape(t) for t in self.targets if t != SCORE_HEAD)
+        blocks = "|".join(str(i) for i in self.spec.lora_layers)
+        pattern = rf".*\.(?:layer|layers|h|block|blocks)\.(?:{blocks})\.(?:.*\.)?(?:{names})"
+        return pattern + (f"|{SCORE_HEAD}" if SCORE_HEAD in self.targets else "")
+
+    def _frozen_prefix_layers(self) -> int:
+        """Encoder blocks below every LoRA module: their output never changes, so it is cached.
+
+        0 when a LoRA module sits below the blocks (embeddings) or the model is causal.
+        Merges (FLoRA) touch only LoRA modules, so they never invalidate the cache.
+        """
+        if self.kind != "encoder" or not hasattr(self.net, "forward_from"):
+            return 0
+        blocks = []
+        for name in self.layers:
+            if name == SCORE_HEAD:
+                continue
+            m = _BLOCK_INDEX.search(name)
+            if m is None:
+                return 0
+            blocks.append(int(m.group(1)))
+        return min(blocks, default=len(self.net.encoder.encoder.layer))
 
     # ------------------------------------------------------------------ adapter state
     def init_state(self, seed: int) -> AdapterState:
@@ -472,15 +537,37 @@ class Engine:
         seqs, types = self._pair_ids(batch)
         self._seen_tokens += sum(len(x) for x in seqs)
         parts, index = [], []
+        keys = [(q.text, o) for q in batch for o in q.options]
+        if self.frozen_prefix:
+            self._fill_prefix_cache(keys, seqs, types)
         for group in self._length_groups(seqs):
             ids, mask = self._pad([seqs[i] for i in group])
-            tt, _ = self._pad([types[i] for i in group], pad_id=0)
-            parts.append(self.net(input_ids=ids, attention_mask=mask, token_type_ids=tt).float())
+            if self.frozen_prefix:
+                hidden = torch.nn.utils.rnn.pad_sequence([self._prefix_cache[keys[i]] for i in group], batch_first=True)
+                parts.append(self.net.forward_from(self.frozen_prefix, hidden.to(self.device), mask).float())
+            else:
+                tt, _ = self._pad([types[i] for i in group], pad_id=0)
+                parts.append(self.net(input_ids=ids, attention_mask=mask, token_type_ids=tt).float())
             index += group
         vals = torch.cat(parts)
         if index != sorted(index):
             vals = vals[torch.argsort(torch.tensor(index, device=self.device))]
         return vals
+
+    @torch.no_grad()
+    def _fill_prefix_cache(self, keys, seqs, types) -> None:
+        """Compute the frozen blocks' output once per (question, option) pair (kept on CPU)."""
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one row per distinct pair
+        todo = [first[k] for k in dict.fromkeys(keys) if k not in self._prefix_cache]
+        if not todo:
+            return
+        for group in self._length_groups([seqs[i] for i in todo]):
+            rows = [todo[g] for g in group]
+            ids, mask = self._pad([seqs[i] for i in rows])
+            tt, _ = self._pad([types[i] for i in rows], pad_id=0)
+            hidden = self.net.hidden_before(self.frozen_prefix, ids, mask, tt).cpu()
+            for j, i in enumerate(rows):
+                self._prefix_cache[keys[i]] = hidden[j, :len(seqs[i])].clone()
 
     def _pairs(self, q) -> tuple[list[str], list[str]]:
         """(prompt, continuation) texts of each option of a question, causal scorer."""

@@ -92,6 +92,7 @@ def constants_from_config(cfg: RunConfig):
 def model_spec(cfg: RunConfig) -> ModelSpec:
     return ModelSpec(name_or_path=cfg.model.name_or_path, kind=cfg.model.kind, max_length=cfg.model.max_length,
                      target_modules=tuple(cfg.lora.target_modules) if cfg.lora.target_modules else None,
+                     lora_layers=tuple(cfg.lora.layers) if cfg.lora.layers else None,
                      lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, score=cfg.model.score,
                      device=cfg.model.device)
 

@@ -195,6 +195,21 @@ def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) 
 _SETUP_CACHE: dict = {}  # one per process: the model is the big part, keep only the latest
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: stop when the study process dies (killed, not only Ctrl-C), so no
+    orphan keeps writing into a run folder a restarted study also writes. The killed run
+    resumes from its last checkpoint."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _finished(folder: Path) -> bool:
     return (folder / "result.json").exists()
 
@@ -227,7 +242,8 @@ class Runner:
                 bar.update(1)
         else:
             ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx) as pool:
+            with cf.ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx,
+                                        initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
                 futs = {pool.submit(_run_job, dump_config(j.cfg), str(j.folder), j.stop_loss, threads): j
                         for j in todo}
                 for f in cf.as_completed(futs):
