@@ -328,3 +328,37 @@ def test_compare_plans_skip_resume_restart(tmp_path):
     with pytest.raises(InputError, match="not a run folder"):
         plan_jobs(cfg, out, ["manual"], [2])
     assert parse_seeds("0, 1,1") == [0, 1] and parse_names("all") is None and parse_names("a, b") == ["a", "b"]
+
+
+def test_speedups_over_focus_paired_by_seed(tmp_path):
+    # target A >= 0.6 only. focus "proposed": 20 s (seed 0), 40 s (seed 1).
+    def curve(t_hit, end):  # reaches 0.6 on A at t_hit (None: never), runs until `end`
+        rows = [row(0, 0, ev={A: 0.3}), row(1, end if t_hit is None else t_hit, ev={A: 0.3 if t_hit is None else 0.7})]
+        return rows if t_hit is None or t_hit == end else rows + [row(2, end, ev={A: 0.7})]
+
+    tgt = {A: 0.6}
+    runs = {("proposed", 0): curve(20, 50), ("proposed", 1): curve(40, 60),
+            ("fslora", 0): curve(60, 60), ("fslora", 1): curve(100, 100),
+            ("hetlora", 0): curve(30, 30), ("hetlora", 1): curve(None, 90),  # seed 1 never: >= 90 s
+            ("flora", 0): curve(10, 10), ("flora", 1): curve(30, 30)}
+    for (m, sd), rows in runs.items():
+        write_run(tmp_path / m / f"seed{sd}", rows, method=m, seed=sd, target=tgt)
+    s = rp.summarize([rp.load_run(p) for p in rp.find_runs([tmp_path])], focus="proposed")
+    sp = s["focus"]["speedup_over"]
+    assert sp["fslora"][A]["value"] == pytest.approx((60 + 100) / 2 / ((20 + 40) / 2))
+    assert {k: v["ratio"] for k, v in sp["fslora"][A]["per_seed"].items()} == pytest.approx({0: 3.0, 1: 2.5})
+    assert not sp["fslora"][A]["at_least"]
+    assert sp["hetlora"][A]["value"] == pytest.approx((30 + 90) / 60) and sp["hetlora"][A]["at_least"]
+    assert sp["hetlora"][A]["per_seed"][1] == {"ratio": pytest.approx(90 / 40), "at_least": True}
+    assert sp["flora"][A]["value"] == pytest.approx(40 / 60)  # slower than flora: speedup < 1
+    md = rp.render_markdown(s)
+    assert "## Speedup of proposed over each method" in md
+    assert "| fslora | 2.67× [2.50–3.00] |" in md and "| hetlora | >2.00× [1.50–2.25] |" in md
+    # focus missing a seed: no claim
+    write_run(tmp_path / "proposed" / "seed2", curve(None, 80), method="proposed", seed=2, target=tgt)
+    write_run(tmp_path / "fslora" / "seed2", curve(50, 50), method="fslora", seed=2, target=tgt)
+    s = rp.summarize([rp.load_run(p) for p in rp.find_runs([tmp_path])], focus="proposed")
+    assert s["focus"]["speedup_over"]["fslora"][A]["value"] is None
+    assert s["focus"]["speedup_over"]["fslora"][A]["focus_missed"]
+    with pytest.raises(InputError, match="focus method 'nope'"):
+        rp.summarize([rp.load_run(p) for p in rp.find_runs([tmp_path])], focus="nope")

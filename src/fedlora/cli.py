@@ -197,11 +197,12 @@ def study(studies: list[Path] = typer.Argument(..., help="study files (experimen
 def report(outs: list[Path] = typer.Argument(..., help="run folders, or folders holding run folders"),
            target: Optional[str] = typer.Option(None, "--target", help="0.6 (mean and each task) or TASK=ACC,TASK=ACC"),
            out: Optional[Path] = typer.Option(None, "-o", "--out", help="where to write (default: the first OUT)"),
-           baseline: Optional[str] = typer.Option(None, "--baseline", help="speedups against this method")):
+           baseline: Optional[str] = typer.Option(None, "--baseline", help="speedups against this method"),
+           focus: Optional[str] = typer.Option(None, "--focus", help="add a table: this method's speedup over each other, per seed")):
     """Summarize run folders: summary.json, summary.md, accuracy_vs_time.png, bytes_vs_accuracy.png."""
     from .report import report as build_report
 
-    summary = build_report(outs, out=out, target=target, baseline=baseline)
+    summary = build_report(outs, out=out, target=target, baseline=baseline, focus=focus)
     typer.echo(summary["markdown"])
     typer.echo(f"wrote {', '.join(summary['files'])}", err=True)
 

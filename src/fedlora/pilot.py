@@ -54,6 +54,8 @@ def pilot_run_config(cfg: RunConfig, q: float, s: float, pc: PilotConfig) -> Run
     pcfg.train.max_sim_time_s = None
     pcfg.planner.pilot = False
     pcfg.planner.constants = None
+    if pc.target_accuracy is None:  # stopped by loss: periodic evaluations would only cost time
+        pcfg.eval.every, pcfg.eval.every_s = pc.max_rounds, None
     return pcfg
 
 

@@ -347,7 +347,7 @@ def resolve_target(runs: Sequence[Run], override: Target = None) -> Target:
 
 
 def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None = None,
-              relative_to: Path | None = None) -> dict:
+              relative_to: Path | None = None, focus: str | None = None) -> dict:
     """Group runs by method and reduce over seeds. See docs/report.md for every field."""
     if not runs:
         raise InputError("report: no runs")
@@ -404,8 +404,50 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
                              "upload_bytes": r.total_bytes("upload"), "download_bytes": r.total_bytes("download")})
     for key in keys:
         _speedups(methods, key, baseline)
-    return {"target": target, "target_keys": list(keys), "primary_target": primary, "tasks": tasks,
-            "baseline": baseline, "methods": methods, "runs": run_rows}
+    if focus is not None and focus not in groups:
+        raise InputError(f"focus method '{focus}': no runs of it (found: {', '.join(groups)})")
+    out = {"target": target, "target_keys": list(keys), "primary_target": primary, "tasks": tasks,
+           "baseline": baseline, "methods": methods, "runs": run_rows}
+    if focus is not None:
+        out["focus"] = {"method": focus, "speedup_over": speedups_over(out, focus)}
+    return out
+
+
+def speedups_over(summary: dict, focus: str) -> dict[str, dict[str, dict]]:
+    """Speedup of `focus` over every other method, per target key, paired by seed.
+
+    Per seed: T_other / T_focus. When the other run never reached the target its time is at
+    least the run's end (its cap), so the ratio is a lower bound ("at_least"); when `focus`
+    did not reach it the seed gives no ratio. 'value' is mean T_other / mean T_focus over the
+    seeds both give (a lower bound if any of those is one); None when focus missed a seed.
+    """
+    end_s = {(r["label"], r["seed"]): r["sim_time_s"] for r in summary["runs"]}
+    mine = summary["methods"][focus]
+    out: dict[str, dict[str, dict]] = {}
+    for label, other in summary["methods"].items():
+        if label == focus:
+            continue
+        out[label] = {}
+        for key in summary["target_keys"]:
+            t_focus = dict(zip(mine["seeds"], mine["time_to_target_s"][key]["values"]))
+            t_other = dict(zip(other["seeds"], other["time_to_target_s"][key]["values"]))
+            seeds = [sd for sd in mine["seeds"] if sd in t_other]
+            per_seed, bound, missed = {}, False, False
+            for sd in seeds:
+                if t_focus[sd] is None:
+                    missed = True
+                    continue
+                theirs = t_other[sd] if t_other[sd] is not None else end_s[(label, sd)]
+                bound |= t_other[sd] is None
+                per_seed[sd] = {"ratio": theirs / t_focus[sd] if t_focus[sd] > 0 else math.inf,
+                                "at_least": t_other[sd] is None}
+            value = None
+            if per_seed and not missed:
+                num = statistics.fmean(t_other[sd] if t_other[sd] is not None else end_s[(label, sd)] for sd in per_seed)
+                den = statistics.fmean(t_focus[sd] for sd in per_seed)
+                value = num / den if den > 0 else math.inf
+            out[label][key] = {"value": value, "at_least": bound, "focus_missed": missed, "per_seed": per_seed}
+    return out
 
 
 def _speedups(methods: dict[str, dict], key: str, baseline: str | None) -> None:
@@ -451,6 +493,16 @@ def _fmt_speedup(s: dict | None) -> str:
         return "—"
     v = "∞" if math.isinf(s["value"]) else f"{s['value']:.2f}"
     return f"{v}× vs {s['vs']}"
+
+
+def _fmt_pair_speedup(cell: dict) -> str:
+    if cell["value"] is None:
+        return "—"
+    ratios = [v["ratio"] for v in cell["per_seed"].values()]
+    text = f"{'>' if cell['at_least'] else ''}{cell['value']:.2f}×"
+    if len(ratios) > 1:
+        text += f" [{min(ratios):.2f}–{max(ratios):.2f}]"
+    return text
 
 
 def _rounds_cell(s: dict) -> str:
@@ -522,6 +574,16 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
         rows2.append([label] + [_fmt_stat(m["final_eval"][t]) for t in tasks] + [_fmt_stat(m["final_eval_mean"]),
                                                                                   reasons])
     out += _table(header2, [":--"] + ["--:"] * (len(tasks) + 1) + [":--"], rows2)
+    if summary.get("focus"):
+        focus = summary["focus"]["method"]
+        out += ["", f"## Speedup of {focus} over each method", "",
+                f"Mean time to target of the method / mean time of {focus}, over the seeds (per-seed range in "
+                "brackets). '>' marks a lower bound: the method missed the target in some seed and its "
+                f"capped run length stands in for its time. '—': {focus} missed the target in some seed.", ""]
+        rows3 = []
+        for label, per_key in summary["focus"]["speedup_over"].items():
+            rows3.append([label] + [_fmt_pair_speedup(per_key[k]) for k in keys])
+        out += _table(["vs"] + [key_name(k) for k in keys], [":--"] + ["--:"] * len(keys), rows3)
     out += ["", "Plots: accuracy_vs_time.png (accuracy per task and mean vs simulated time), "
                 "bytes_vs_accuracy.png (mean accuracy vs cumulative upload bytes).", ""]
     return "\n".join(out)
@@ -660,7 +722,7 @@ def _jsonable(x):
 
 
 def report(paths: Sequence[str | Path], out: str | Path | None = None, target: Target | str = None,
-           baseline: str | None = None, plots: bool = True) -> dict:
+           baseline: str | None = None, plots: bool = True, focus: str | None = None) -> dict:
     """Find run folders under `paths`, summarize them and write summary.json, summary.md and
     the plots into `out` (default: the first path). Returns the summary (with 'markdown' and
     'files'). Raises InputError on bad input."""
@@ -672,7 +734,7 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, target: T
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs, target=target, baseline=baseline, relative_to=out_dir)
+    summary = summarize(runs, target=target, baseline=baseline, relative_to=out_dir, focus=focus)
     markdown = render_markdown(summary)
     _write_atomic(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=1))
     _write_atomic(out_dir / "summary.md", markdown)
@@ -683,5 +745,5 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, target: T
 
 
 __all__ = ["Run", "load_run", "find_runs", "read_metrics", "parse_target", "target_keys", "time_to_target",
-           "times_to_target", "stats", "group_runs", "summarize", "render_markdown", "step_band", "write_plots",
+           "times_to_target", "stats", "group_runs", "summarize", "speedups_over", "render_markdown", "step_band", "write_plots",
            "report", "MEAN", "ALL"]

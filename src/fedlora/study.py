@@ -184,7 +184,7 @@ def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) 
         def stop(rows):
             return loss_reached(rows, stop_loss)
     resume = any((folder / d / "progress.json").exists() for d in ("checkpoint", "checkpoint.old"))
-    key = (setting_key(cfg), cfg.seed)
+    key = (_setup_key(cfg), cfg.seed)
     if _SETUP_CACHE.get("key") != key:  # same data, profiles and model: reuse the last setup of this process
         _SETUP_CACHE.clear()
         _SETUP_CACHE.update(key=key, setup=simulate.build_setup(cfg))
@@ -193,6 +193,14 @@ def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) 
 
 
 _SETUP_CACHE: dict = {}  # one per process: the model is the big part, keep only the latest
+
+
+def _setup_key(cfg: RunConfig) -> str:
+    """What simulate.build_setup depends on: the setting without the evaluation schedule
+    (pilots evaluate less often than the reference but share its data, model and caches)."""
+    c = cfg.model_copy(deep=True)
+    c.eval.every, c.eval.every_s = 1, None
+    return setting_key(c)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -379,7 +387,7 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
     for spec, vname, st, root in plan:
         if root.exists():
             summaries[f"{spec.name}{'/' + vname if vname else ''}"] = report([root], target=rules[st.key]["targets"],
-                                                                            baseline=None)
+                                                                            baseline=None, focus=spec.methods[0])
     _raise_failures(runner)
     return summaries
 
