@@ -6,7 +6,10 @@ model: the frozen base model's forward/backward does not shrink with s, so expec
 Ratios are measured interleaved (each rep runs every s once); medians per step.
 
     python bench/sketch_speed.py [--rank 32] [--batch-size 8] [--steps 6] [--reps 5] [--threads 1]
-        [--targets query,key,value,dense]
+        [--targets query,key,value,dense] [--layers 5]
+
+--layers puts LoRA in those blocks only (the study setting, experiments/base.yaml: 5); the
+frozen blocks below are then cached by the engine and warmed up before timing.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--targets", default="query,value")
+    ap.add_argument("--layers", default=None, help="e.g. 5 or 4,5 (default: every block)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -39,7 +43,8 @@ def main() -> None:
     random.Random(0).shuffle(train)
     bs, r = args.batch_size, args.rank
     batches = [train[i * bs:(i + 1) * bs] for i in range(args.steps)]
-    spec = ModelSpec(EMBEDDED_MODEL, max_length=64, target_modules=tuple(args.targets.split(",")))
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    spec = ModelSpec(EMBEDDED_MODEL, max_length=64, target_modules=tuple(args.targets.split(",")), lora_layers=layers)
     engine = Engine(spec, rank=r, seed=0)
     full = engine.init_state(0)
     ratios = [1.0, 0.5, 0.25, 0.125]
@@ -62,7 +67,8 @@ def main() -> None:
     lin = float(np.sum(s * t) / np.sum(s * s))  # best t = c * s
     rms_aff = float(np.sqrt(np.mean((c0 + c1 * s - t) ** 2)))
     rms_lin = float(np.sqrt(np.mean((lin * s - t) ** 2)))
-    print(f"model {EMBEDDED_MODEL}, targets {args.targets}, r = {r}, batch {bs}, "
+    print(f"model {EMBEDDED_MODEL}, targets {args.targets}, blocks {args.layers or 'all'} "
+          f"(cached below: {engine.frozen_prefix}), r = {r}, batch {bs}, "
           f"{args.steps} steps x {args.reps} reps, {args.threads} thread(s)")
     for si, k, ti, tci in zip(ratios, ks, t, tc):
         print(f"  s = {si:<6} k = {k:<3} {ti * 1e3:8.1f} ms/step wall   t(s)/t(1) = {ti / t[0]:.3f}"
