@@ -119,6 +119,29 @@ def test_same_seed_same_numbers(setup, tmp_path):
     assert without_cpu_time(rows(a)) == without_cpu_time(rows(b))
 
 
+def test_probe_loss_measures_without_changing_training(setup, tmp_path):
+    """eval.probe_examples adds the global model's loss on fixed training questions to every
+    row (equal to cross-entropy of the engine's scores, computed here by hand); every other
+    number of the run stays the same."""
+    import dataclasses
+
+    cfg = setup.cfg.model_copy(deep=True)
+    cfg.eval.probe_examples = 12
+    a, b = tmp_path / "a", tmp_path / "b"
+    simulate.run(setup.cfg, a, setup=setup, progress=False)
+    simulate.run(cfg, b, setup=dataclasses.replace(setup, cfg=cfg), progress=False)
+    ra, rb = without_cpu_time(rows(a)), without_cpu_time(rows(b))
+    assert all("probe_loss" not in r for r in ra) and all("probe_loss" in r for r in rb)
+    assert [{k: v for k, v in r.items() if k != "probe_loss"} for r in rb] == ra
+    idx = simulate.subsample(len(setup.train), 12, seed=simulate.derived_seed(cfg.seed, simulate.STREAM_PROBE))
+    qs = [setup.train[i] for i in idx]
+    state = setup.engine.init_state(simulate.derived_seed(cfg.seed, simulate.STREAM_INIT))
+    scores = setup.engine.scores(state, scaling=cfg.lora.alpha / cfg.lora.rank, questions=qs)
+    by_hand = sum(-torch.log_softmax(scores[j, :len(q.options)], 0)[q.label].item() for j, q in enumerate(qs)) / len(qs)
+    assert rb[0]["probe_loss"] == pytest.approx(by_hand, rel=1e-5)
+    assert rb[-1]["probe_loss"] != pytest.approx(rb[0]["probe_loss"], rel=1e-6)  # it follows training
+
+
 def test_existing_folder_needs_resume_or_overwrite(setup, tmp_path):
     out = tmp_path / "x"
     out.mkdir()

@@ -51,6 +51,20 @@ def test_pilot_loss_is_the_three_round_mean_after_two_thirds():
     assert pilot_loss_from_reference(_rows([{"a": 0.3}], losses[:4])) == pytest.approx((1.4 + 1.3 + 1.2) / 3)
 
 
+def test_pilot_loss_and_stop_prefer_the_probe_loss():
+    from fedlora.pilot import loss_reached
+
+    losses = [1.4, 1.3, 1.2, 1.1, 1.0, 0.9]
+    rows = _rows([{"a": 0.3}], losses)
+    for r in rows:  # the probe measures f(x) on fixed questions; the train loss is the participants'
+        r["probe_loss"] = 2.0 - 0.1 * r["round"]
+    # 6 trained rounds: two thirds is round 4, the window rounds 2..4 of the probe (round 0 not counted)
+    assert pilot_loss_from_reference(rows) == pytest.approx((1.8 + 1.7 + 1.6) / 3)
+    # rounds 1..3: probe mean 1.8 (the train loss, mean 1.3, would already be below 1.75)
+    assert loss_reached(rows[:4], 1.85) and not loss_reached(rows[:4], 1.75)
+    assert not loss_reached(rows[:3], 5.0)  # two rounds: the 3-round window is not full
+
+
 def test_bad_study_files(tmp_path):
     def write(obj):
         p = tmp_path / "s.yaml"

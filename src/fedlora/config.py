@@ -166,14 +166,20 @@ class EvalConfig(_Strict):
     every_s: float | None = Field(None, gt=0)
     max_examples: int | None = Field(200, ge=1)  # per task, periodic evaluation
     final_max_examples: int | None = Field(None, ge=1)  # per task, final evaluation (None: all)
+    # training questions (drawn once per seed, uniformly from all clients' data, so each
+    # client weighs p_i) on which the global model's loss is computed after every round:
+    # the row's `probe_loss`, an estimate of f(x) = sum_i p_i f_i(x) that does not depend on
+    # which clients were sampled (the mean train loss of the participants does). Pilots stop on it.
+    probe_examples: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
 
 
 class PilotConfig(_Strict):
     settings: list[tuple[float, float]] = [(1.0, 1.0), (0.5, 1.0), (1.0, 0.25), (0.5, 0.5)]
-    target_loss: float | None = Field(None, gt=0)  # pilot stops at this train loss ...
+    target_loss: float | None = Field(None, gt=0)  # pilot stops at this loss (probe_loss if measured, else train loss) ...
     target_accuracy: float | None = Field(None, gt=0, le=1)  # ... or this eval_mean
     max_rounds: int = Field(30, ge=1)
+    probe_examples: int | None = Field(128, ge=1)  # pilots measure eval.probe_examples = this (None: train loss)
 
 
 class ConstantsConfig(_Strict):

@@ -455,6 +455,17 @@ class Engine:
                 correct[q.task] += int(p == q.label)
         return {t: correct[t] / total[t] for t in sorted(total)}
 
+    @torch.no_grad()
+    def mean_loss(self, state: AdapterState | None, *, scaling: float, questions: Sequence[Any],
+                  batch_size: int = 32) -> float:
+        """Mean cross-entropy over the options of `questions` (the training objective)."""
+        total, count = 0.0, 0
+        for s, batch in self._eval_batches(state, scaling, questions, batch_size):
+            labels = torch.tensor([q.label for q in batch])
+            total += float(F.cross_entropy(s, labels, reduction="sum"))
+            count += len(batch)
+        return total / max(count, 1)
+
     def _eval_batches(self, state, scaling, questions, batch_size):
         questions = list(questions)
         if state is None:

@@ -23,9 +23,16 @@ def pilot_config(cfg: RunConfig) -> PilotConfig:
     return pc if isinstance(pc, PilotConfig) else PilotConfig()
 
 
+def loss_key(rows: list[dict]) -> str:
+    """'probe_loss' when the rows measure it (eval.probe_examples), else 'train_loss'."""
+    return "probe_loss" if any(r.get("probe_loss") is not None for r in rows) else "train_loss"
+
+
 def loss_reached(rows: list[dict], target_loss: float) -> bool:
-    """Mean train loss over the last LOSS_WINDOW non-empty rounds is at or below the target."""
-    losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+    """Mean loss (probe loss if measured, else the participants' train loss) over the last
+    LOSS_WINDOW rounds with one is at or below the target."""
+    key = loss_key(rows)
+    losses = [r[key] for r in rows if r.get("round", 1) > 0 and r.get(key) is not None]
     return len(losses) >= LOSS_WINDOW and sum(losses[-LOSS_WINDOW:]) / LOSS_WINDOW <= target_loss
 
 
@@ -54,6 +61,7 @@ def pilot_run_config(cfg: RunConfig, q: float, s: float, pc: PilotConfig) -> Run
     pcfg.train.max_sim_time_s = None
     pcfg.planner.pilot = False
     pcfg.planner.constants = None
+    pcfg.eval.probe_examples = pc.probe_examples
     if pc.target_accuracy is None:  # stopped by loss: periodic evaluations would only cost time
         pcfg.eval.every, pcfg.eval.every_s = pc.max_rounds, None
     return pcfg

@@ -34,7 +34,7 @@ from .sketch import payload_values as rank_payload_values
 from .system import (ClientProfile, ComputeModel, channel_profiles, equal_finish_allocation,
                      equal_split_allocation, generate_profiles, rayleigh_fading)
 
-STREAM_DATA, STREAM_PROFILES, STREAM_EVAL, STREAM_INIT, STREAM_BATCH, STREAM_FADING = 1, 2, 3, 4, 5, 6
+STREAM_DATA, STREAM_PROFILES, STREAM_EVAL, STREAM_INIT, STREAM_BATCH, STREAM_FADING, STREAM_PROBE = 1, 2, 3, 4, 5, 6, 7
 
 
 def derived_seed(seed: int, *purpose: int) -> int:
@@ -301,6 +301,16 @@ def evaluate(setup: Setup, state, questions) -> tuple[dict[str, float], float]:
     return acc, float(np.mean(list(acc.values())))
 
 
+def probe_loss(setup: Setup, state) -> float | None:
+    """Loss of the global model on eval.probe_examples training questions (None when off)."""
+    n = setup.cfg.eval.probe_examples
+    if n is None:
+        return None
+    idx = subsample(len(setup.train), n, seed=derived_seed(setup.cfg.seed, STREAM_PROBE))
+    return setup.engine.mean_loss(state, scaling=setup.cfg.lora.alpha / setup.cfg.lora.rank,
+                                  questions=[setup.train[i] for i in idx], batch_size=setup.cfg.eval.batch_size)
+
+
 def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if resume:
@@ -331,6 +341,8 @@ def start_run_folder(setup: Setup, method: Method, out: Path):
     acc, mean = evaluate(setup, state, setup.eval_questions)
     row0 = {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "participants": [], "upload_bytes": 0,
             "download_bytes": 0, "train_loss": None, "eval": acc, "eval_mean": mean}
+    if cfg.eval.probe_examples is not None:
+        row0["probe_loss"] = probe_loss(setup, state)
     write_atomic(out / "metrics.jsonl", json.dumps(row0) + "\n")
     prog = {"next_round": 1, "sim_time_s": 0.0, "cpu_time_s": 0.0, "stop_reason": None,
             "upload_bytes": 0, "download_bytes": 0}
@@ -399,6 +411,8 @@ def close_round(setup: Setup, method: Method, clock: RoundClock, prog: dict, t: 
            "upload_bytes": up, "download_bytes": down,
            "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected, **(extra or {}),
            **rc.info}
+    if cfg.eval.probe_examples is not None:
+        row["probe_loss"] = probe_loss(setup, state)
     if eval_due(cfg, t, before_s, prog["sim_time_s"]):
         acc, mean = evaluate(setup, state, setup.eval_questions)
         row["eval"], row["eval_mean"] = acc, mean

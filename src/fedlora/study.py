@@ -123,6 +123,7 @@ def setting_key(cfg: RunConfig) -> str:
     c.train.target_accuracy = None
     c.train.max_sim_time_s = None
     c.planner.constants, c.planner.pilot = None, False
+    c.eval.probe_examples = None  # a measurement only: training is the same with or without it
     return hashlib.sha256(dump_config(c).encode()).hexdigest()[:12]
 
 
@@ -150,15 +151,17 @@ def targets_from_reference(rows: list[dict], fraction: float, min_gain: float) -
 
 
 def pilot_loss_from_reference(rows: list[dict]) -> float:
-    """The reference's train loss, mean of 3 rounds, after two thirds of its rounds. (Early
-    on the loss is flat: a shallower pilot target is met by every pilot in its first rounds
-    and the rounds then carry no information about q and s.)"""
-    from .pilot import LOSS_WINDOW
+    """The reference's loss (probe loss if measured, else train loss), mean of 3 rounds,
+    after two thirds of its rounds. (Early on the loss is flat: a shallower pilot target is
+    met by every pilot in its first rounds and the rounds then carry no information about q
+    and s.)"""
+    from .pilot import LOSS_WINDOW, loss_key
 
-    trained = [r for r in rows if r.get("train_loss") is not None]
+    key = loss_key(rows)
+    trained = [r for r in rows if r.get("round", 1) > 0 and r.get(key) is not None]
     at = max(LOSS_WINDOW, math.ceil(2 * len(trained) / 3))
     window = trained[at - LOSS_WINDOW:at]
-    return sum(r["train_loss"] for r in window) / LOSS_WINDOW
+    return sum(r[key] for r in window) / LOSS_WINDOW
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -307,12 +310,15 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
         if _rule_fields(first) != _rule_fields(spec):
             raise InputError(f"studies '{first.name}' and '{spec.name}' share a setting but not its target rule "
                              "(reference, target_fraction, min_gain, targets, rounds_cap, time_cap); run them apart")
+    from .pilot import pilot_config, pilot_run_config
+
     jobs = []
     for key, st in settings.items():
         spec = ref_specs[key]
         c = st.cfg.model_copy(deep=True)
         c.method, c.seed = spec.reference, 0
         c.train.target_accuracy, c.train.max_sim_time_s = None, None
+        c.eval.probe_examples = pilot_config(st.cfg).probe_examples  # the pilots' loss measure
         jobs.append(Job("reference", c, st.folder / "reference", label=f"reference {key}"))
     log(f"{len(settings)} setting(s): references")
     runner.run(jobs)
@@ -336,8 +342,6 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
         log(f"setting {key}: targets {rule['targets']}" + (f", no gain on {rule['no_gain']}" if rule["no_gain"] else ""))
 
     # 2. pilots
-    from .pilot import pilot_config, pilot_run_config
-
     jobs = []
     for key, st in settings.items():
         cap = int(math.ceil(ref_specs[key].rounds_cap * rules[key]["reference_rounds"]))
