@@ -523,3 +523,39 @@ def test_estimate_constants_rejects_non_positive_estimates():
             contra.append(PilotObservation(q, s, (40.0 + 6.0 * X) / (2.0 + 0.3 * Y)))
     with pytest.raises(ConstantEstimationError, match="positive"):
         estimate_constants(contra, P_SHARE)
+
+
+def test_constrained_fit_recovers_consistent_pilots():
+    from fedlora.planner import fit_constants_constrained
+
+    k, rms = fit_constants_constrained(pilots_from_model(TRUE, SETTINGS[:4]), P_SHARE)
+    np.testing.assert_allclose(_normalized(k), _normalized(TRUE), rtol=1e-3)
+    assert rms < 1e-5
+
+
+def test_constrained_fit_is_the_best_positive_fit_by_brute_force():
+    """Pilots that contradict the model (the seed-0 pattern of docs/results.md: halving q or s
+    nearly doubles the rounds, halving both barely adds more): the SVD rejects them; the
+    constrained fit's objective is no worse than any point of a fine grid of positive
+    (alpha, gamma, delta) with gamma Y_max <= 0.95."""
+    from fedlora.planner import fit_constants_constrained
+
+    obs = [PilotObservation(1, 1, 21), PilotObservation(0.5, 1, 38), PilotObservation(1, 0.5, 40),
+           PilotObservation(0.5, 0.5, 43)]
+    with pytest.raises(ConstantEstimationError):
+        estimate_constants(obs, P_SHARE)
+    k, rms = fit_constants_constrained(obs, P_SHARE)
+    assert min(k.alpha, k.gamma, k.delta) > 0 and k.beta == 1.0
+    p2 = float(np.sum(P_SHARE ** 2))
+    x = np.array([p2 / o.participation_prob for o in obs])
+    y = np.array([p2 / (o.participation_prob * o.sketch_ratio) for o in obs])
+    r = np.array([o.rounds for o in obs])
+
+    def objective(a, g, d):
+        return np.mean(((a + d * x) / r + g * y - 1.0) ** 2, axis=-1)
+
+    assert objective(k.alpha, k.gamma, k.delta) == pytest.approx(rms ** 2, rel=1e-6)
+    a, g, d = np.meshgrid(np.linspace(1e-6, 60, 121), np.linspace(1e-6, 0.95 / y.max(), 121),
+                          np.linspace(1e-6, 400, 121), indexing="ij")
+    grid = objective(a[..., None], g[..., None], d[..., None])
+    assert rms ** 2 <= grid.min() + 1e-9

@@ -212,3 +212,24 @@ def test_workers_exit_when_the_study_process_dies(tmp_path):
     while alive() and time.time() < deadline:
         time.sleep(0.2)
     assert not alive(), "the worker outlived the study process"
+
+
+def test_constants_report_fit_modes():
+    """planner.pilot.fit: 'svd' refuses pilots that contradict the model; 'svd_else_constrained'
+    then records the rejection and the positive fit, with the rounds it predicts per pilot."""
+    from fedlora.pilot import constants_report
+    from fedlora.planner import PilotObservation
+
+    share = [0.1, 0.2, 0.3, 0.4]
+    obs = [PilotObservation(1, 1, 21), PilotObservation(0.5, 1, 38), PilotObservation(1, 0.5, 40),
+           PilotObservation(0.5, 0.5, 43)]
+    runs = [{"participation_prob": o.participation_prob, "sketch_ratio": o.sketch_ratio, "rounds": o.rounds}
+            for o in obs]
+    with pytest.raises(InputError, match="^where: "):
+        constants_report(obs, share, [dict(r) for r in runs], "where", fit="svd")
+    rep = constants_report(obs, share, [dict(r) for r in runs], "where", fit="svd_else_constrained")
+    assert rep["fit"] == "constrained" and rep["svd_rejected"]
+    assert all(v > 0 for v in rep["constants"].values())
+    pred = [r["predicted_rounds"] for r in rep["pilots"]]
+    assert pred[0] < pred[1] and pred[0] < pred[2] and max(pred) == pred[3]  # the model's order
+    assert rep["rms_relative_residual"] > 0.01  # these pilots do not fit exactly

@@ -180,6 +180,10 @@ class PilotConfig(_Strict):
     target_accuracy: float | None = Field(None, gt=0, le=1)  # ... or this eval_mean
     max_rounds: int = Field(30, ge=1)
     probe_examples: int | None = Field(128, ge=1)  # pilots measure eval.probe_examples = this (None: train loss)
+    # how the pilots' rounds become constants: the seed's SVD (rejects pilots that contradict
+    # the model), the best positive fit (planner.fit_constants_constrained), or the SVD and,
+    # only where it rejects, the positive fit (recorded in constants.json as such)
+    fit: Literal["svd", "constrained", "svd_else_constrained"] = "svd"
 
 
 class ConstantsConfig(_Strict):

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from .config import InputError, PilotConfig, RunConfig
-from .planner import BoundConstants, ConstantEstimationError, PilotObservation, estimate_constants
+from .planner import (BoundConstants, ConstantEstimationError, PilotObservation, estimate_constants,
+                      fit_constants_constrained, rounds_factor)
 
 LOSS_WINDOW = 3  # rounds averaged before comparing train loss with the pilot target
 
@@ -94,20 +95,41 @@ def run_pilots(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True, 
         observations.append(PilotObservation(participation_prob=float(q), sketch_ratio=float(s),
                                              rounds=float(result["rounds"])))
         runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": result["rounds"], "folder": str(folder)})
-    report = constants_report(observations, setup.data_share, runs, "planner.pilot")
+    report = constants_report(observations, setup.data_share, runs, "planner.pilot", fit=pc.fit)
     (out / "constants.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def constants_report(observations: list[PilotObservation], data_share, runs: list[dict], where: str) -> dict:
-    """Estimate the constants from the pilots' rounds: the constants.json content. Raises
-    InputError (prefixed with `where`) when the pilots contradict the bound's model."""
-    try:
-        est = estimate_constants(observations, data_share)
-    except ConstantEstimationError as e:
-        raise InputError(f"{where}: {e}") from None
-    return {"constants": est.constants.to_dict(), "condition_number": est.condition_number,
-            "residual": est.residual, "singular_values": [float(x) for x in est.singular_values], "pilots": runs}
+def constants_report(observations: list[PilotObservation], data_share, runs: list[dict], where: str,
+                     fit: str = "svd") -> dict:
+    """Estimate the constants from the pilots' rounds: the constants.json content, with the
+    rounds the constants predict for each pilot. `fit` as planner.pilot.fit. Raises
+    InputError (prefixed with `where`) when the chosen fit cannot give positive constants."""
+    import numpy as np
+
+    report: dict = {}
+    consts = None
+    if fit in ("svd", "svd_else_constrained"):
+        try:
+            est = estimate_constants(observations, data_share)
+            consts = est.constants
+            report.update(fit="svd", condition_number=est.condition_number, residual=est.residual,
+                          singular_values=[float(x) for x in est.singular_values])
+        except ConstantEstimationError as e:
+            if fit == "svd":
+                raise InputError(f"{where}: {e}") from None
+            report["svd_rejected"] = str(e)
+    if consts is None:
+        try:
+            consts, rms = fit_constants_constrained(observations, data_share)
+        except ConstantEstimationError as e:
+            raise InputError(f"{where}: {e}") from None
+        report.update(fit="constrained", rms_relative_residual=rms)
+    n = len(np.asarray(data_share))
+    for run, o in zip(runs, observations):
+        run["predicted_rounds"] = rounds_factor(np.full(n, o.participation_prob), np.full(n, o.sketch_ratio),
+                                                data_share, consts)
+    return {"constants": consts.to_dict(), **report, "pilots": runs}
 
 
 def resolve_constants(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True) -> BoundConstants:

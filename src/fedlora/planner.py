@@ -36,7 +36,7 @@ from scipy.optimize import minimize, minimize_scalar
 
 from .system import ComputeModel, equal_finish_allocation, round_time_bound_s
 
-__all__ = [
+__all__ = ["fit_constants_constrained", 
     "BoundConstants",
     "InfeasiblePlan",
     "ConstantEstimationError",
@@ -1022,3 +1022,34 @@ def estimate_constants(pilots: Sequence[PilotObservation], data_share, *, max_co
     theta = theta / theta[1]
     consts = BoundConstants(alpha=float(theta[0]), beta=1.0, gamma=float(theta[2]), delta=float(theta[3]))
     return ConstantEstimate(constants=consts, singular_values=_frozen(sv), condition_number=cond, residual=resid)
+
+
+def fit_constants_constrained(pilots: Sequence[PilotObservation], data_share, *, floor: float = 1e-6,
+                              margin: float = 0.05) -> tuple[BoundConstants, float]:
+    """The positive constants (beta = 1) that best fit the pilots' rounds [ours].
+
+    Minimizes sum_k ((alpha + delta X_k) / R_k + gamma Y_k - 1)^2, the pilots' equations
+    of estimate_constants divided by R_k (a relative residual), over alpha, gamma, delta >=
+    floor, with gamma Y_k <= 1 - margin so the model predicts finite rounds at every pilot.
+    A convex QP (cvxpy). For pilots that fit the model it returns the SVD estimate; where
+    the pilots contradict it (a constant would be negative), the closest positive model.
+    Returns (constants, rms relative residual).
+    """
+    pilots = list(pilots)
+    if len(pilots) < 3:
+        raise ConstantEstimationError(f"need at least 3 pilot runs to fit 3 free constants, got {len(pilots)}")
+    p = _vector("data_share", data_share)
+    p2 = float(np.sum(p * p))
+    x = np.array([p2 / o.participation_prob for o in pilots])
+    y = np.array([p2 / (o.participation_prob * o.sketch_ratio) for o in pilots])
+    r = np.array([float(o.rounds) for o in pilots])
+    theta = cp.Variable(3)  # alpha, gamma, delta
+    resid = theta[0] / r + cp.multiply(theta[2], x / r) + theta[1] * y - 1.0
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(resid)),
+                      [theta >= floor, theta[1] * float(np.max(y)) <= 1.0 - margin])
+    prob.solve(solver=cp.CLARABEL)
+    if prob.status not in ("optimal", "optimal_inaccurate") or theta.value is None:
+        raise ConstantEstimationError(f"constrained fit of the pilot rounds failed ({prob.status})")
+    a, g, d = (max(float(v), floor) for v in theta.value)
+    rms = float(np.sqrt(np.mean(((a + d * x) / r + g * y - 1.0) ** 2)))
+    return BoundConstants(alpha=a, beta=1.0, gamma=g, delta=d), rms

@@ -407,7 +407,7 @@ def _method_needs_constants(name: str) -> bool:
 
 
 def _constants(st: Setting, seed: int, rule: dict) -> dict:
-    from .pilot import constants_report
+    from .pilot import constants_report, pilot_config
     from .planner import PilotObservation
 
     folder = st.folder / "pilot" / f"seed{seed}"
@@ -429,7 +429,8 @@ def _constants(st: Setting, seed: int, rule: dict) -> dict:
         obs.append(PilotObservation(participation_prob=q, sketch_ratio=s, rounds=float(res["rounds"])))
         runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": res["rounds"], "folder": run_dir.name})
     clients = json.loads((run_dir / "clients.json").read_text())  # same partition in every pilot of a seed
-    report = constants_report(obs, [row["data_share"] for row in clients], runs, str(folder))
+    report = constants_report(obs, [row["data_share"] for row in clients], runs, str(folder),
+                              fit=pilot_config(st.cfg).fit)
     report["pilot_loss"] = rule["pilot_loss"]
     _write_json(saved, report)
     return report
