@@ -112,17 +112,10 @@ def test_nan_update_is_rejected_and_run_goes_on(setup, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_same_seed_same_numbers(setup, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    simulate.run(setup.cfg, a, setup=setup, progress=False)
-    simulate.run(setup.cfg, b, setup=setup, progress=False)
-    assert without_cpu_time(rows(a)) == without_cpu_time(rows(b))
-
-
-def test_probe_loss_measures_without_changing_training(setup, tmp_path):
-    """eval.probe_examples adds the global model's loss on fixed training questions to every
-    row (equal to cross-entropy of the engine's scores, computed here by hand); every other
-    number of the run stays the same."""
+def test_same_seed_same_numbers_and_the_probe_only_measures(setup, tmp_path):
+    """Same seed, same numbers. The second run also sets eval.probe_examples: every row gains
+    the global model's loss on fixed training questions (equal to the cross-entropy of the
+    engine's scores, computed here by hand) and every other number stays the same."""
     import dataclasses
 
     cfg = setup.cfg.model_copy(deep=True)
