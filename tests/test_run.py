@@ -135,6 +135,16 @@ def test_same_seed_same_numbers_and_the_probe_only_measures(setup, tmp_path):
     assert rb[-1]["probe_loss"] != pytest.approx(rb[0]["probe_loss"], rel=1e-6)  # it follows training
 
 
+def test_a_method_that_cannot_plan_leaves_no_folder(setup, tmp_path):
+    # gamma this large leaves no feasible ranks at the fixed q = 0.5 (proposed_s plans s only)
+    cfg = load_config(SMOKE, ["method=proposed_s", "sampling.participation_prob=0.5",
+                              "planner.constants={alpha: 1.0, beta: 1.0, gamma: 2.0, delta: 1.0}"])
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match="planner.constants / sampling.participation_prob"):
+        simulate.run(cfg, out, setup=setup, progress=False)
+    assert not out.exists()
+
+
 def test_existing_folder_needs_resume_or_overwrite(setup, tmp_path):
     out = tmp_path / "x"
     out.mkdir()

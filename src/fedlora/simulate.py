@@ -463,7 +463,12 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
         from .pilot import resolve_constants
 
         ctx.constants = resolve_constants(cfg, out, setup=setup, progress=progress)
-    method = method_cls(ctx)
+    try:
+        method = method_cls(ctx)  # plans (may refuse: infeasible constants, bad options)
+    except Exception:
+        if not resume and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a method that cannot start leaves no empty run folder behind
+        raise
 
     ckpt = load_checkpoint(out) if resume else None
     metrics_path = out / "metrics.jsonl"
