@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 AdapterState = dict[str, tuple[Tensor, Tensor]]
-_BLOCK_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+_BLOCKS = r"(?:layer|layers|h|block|blocks)"  # how transformer stacks name their block list
+_BLOCK_INDEX = re.compile(rf"\.{_BLOCKS}\.(\d+)\.")
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_MODEL.lower(), "minilm", "all-minilm-l6-v2", "embedded:minilm"}
@@ -285,7 +286,7 @@ class Engine:
             return list(self.targets)
         names = "|".join(re.escape(t) for t in self.targets if t != SCORE_HEAD)
         blocks = "|".join(str(i) for i in self.spec.lora_layers)
-        pattern = rf".*\.(?:layer|layers|h|block|blocks)\.(?:{blocks})\.(?:.*\.)?(?:{names})"
+        pattern = rf".*\.{_BLOCKS}\.(?:{blocks})\.(?:.*\.)?(?:{names})"
         return pattern + (f"|{SCORE_HEAD}" if SCORE_HEAD in self.targets else "")
 
     def _frozen_prefix_layers(self) -> int:
