@@ -336,7 +336,8 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
         rule["reference_sim_time_s"] = float(rows[-1]["sim_time_s"])
         rule["rule"] = "fixed targets of the study file" if spec.targets is not None else (f"target = acc0 + {spec.target_fraction} (acc_ref - acc0), acc_ref = mean of the last "
                         f"{EVAL_WINDOW} evaluations of '{spec.reference}' seed 0; tasks gaining < {spec.min_gain}: "
-                        "no target; pilot loss = reference train loss (3-round mean) after two thirds of its rounds")
+                        "no target; pilot loss = reference probe loss (train loss where no probe), 3-round mean, "
+                        "after two thirds of its rounds")
         _write_json(st.folder / "targets.json", rule)
         rules[key] = rule
         log(f"setting {key}: targets {rule['targets']}" + (f", no gain on {rule['no_gain']}" if rule["no_gain"] else ""))
