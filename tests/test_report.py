@@ -199,6 +199,27 @@ def test_same_method_two_configs_gets_two_groups(tmp_path):
     assert set(rp.summarize(runs)["methods"]) == {"manual@x", "manual@y"}
 
 
+def _set_planner(path: Path, constants: dict | None, pilot: bool):
+    cfg = load_config(path / "config.yaml")
+    cfg.planner.constants = constants
+    cfg.planner.pilot = {"settings": [[1.0, 1.0], [0.5, 0.5]]} if pilot else False
+    (path / "config.yaml").write_text(dump_config(cfg))
+
+
+def test_pilot_estimated_constants_do_not_split_seeds_but_hand_set_ones_do(tmp_path):
+    c0 = {"alpha": 20.0, "beta": 1.0, "gamma": 0.6, "delta": 6.0}
+    c1 = {"alpha": 18.0, "beta": 1.0, "gamma": 1.1, "delta": 1e-6}
+    for pilot in (True, False):
+        root = tmp_path / str(pilot)
+        for seed, c in ((0, c0), (1, c1)):
+            _set_planner(write_run(root / "proposed" / f"seed{seed}", ROWS, method="proposed", seed=seed), c, pilot)
+        groups = rp.group_runs([rp.load_run(p) for p in rp.find_runs([root])])
+        if pilot:  # the study's case: each seed's constants come from its own pilots -> one method, 2 seeds
+            assert list(groups) == ["proposed"] and len(groups["proposed"]) == 2
+        else:  # constants set by hand differ: two configurations of the method
+            assert len(groups) == 2 and all(len(g) == 1 for g in groups.values())
+
+
 def test_step_band():
     grid, mean, lo, hi = rp.step_band([([0, 10, 20], [0.0, 0.5, 0.7]), ([0, 15], [0.1, 0.6])])
     np.testing.assert_allclose(grid, [0, 10, 15, 20])

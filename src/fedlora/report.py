@@ -307,12 +307,19 @@ def stats(values: Sequence[float]) -> dict:
 
 def _config_key(run: Run) -> str:
     cfg = {k: v for k, v in run.config.items() if k not in ("seed", "method")}
+    planner = dict(cfg.get("planner") or {})
+    if planner.get("pilot") and planner.get("constants") is not None:
+        # constants next to a pilot config were estimated from that seed's pilots (fedlora
+        # study): an outcome of the seed, like its data split, not a setting of the method
+        planner.pop("constants")
+        cfg["planner"] = planner
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Label -> runs. Runs of one method with one config (seed aside) form a group labelled by
-    the method; a method run under several configs gets one group per config, 'method@folder'."""
+    """Label -> runs. Runs of one method with one config (seed aside, and the planner constants
+    that seed's pilots gave) form a group labelled by the method; a method run under several
+    configs gets one group per config, 'method@folder'."""
     by_method: dict[str, dict[str, list[Run]]] = {}
     for r in runs:
         by_method.setdefault(r.method, {}).setdefault(_config_key(r), []).append(r)
