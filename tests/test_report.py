@@ -220,6 +220,18 @@ def test_pilot_estimated_constants_do_not_split_seeds_but_hand_set_ones_do(tmp_p
             assert len(groups) == 2 and all(len(g) == 1 for g in groups.values())
 
 
+def test_per_task_target_with_a_mean_entry_times_the_mean_apart_from_all(tmp_path):
+    write_run(tmp_path / "m", ROWS)
+    summary = rp.summarize([rp.load_run(tmp_path / "m")], target={A: 0.6, B: 0.6, "mean": 0.6})
+    assert summary["target_keys"] == [A, B, rp.ALL, rp.MEAN] and summary["primary_target"] == rp.ALL
+    ttt = summary["runs"][0]["time_to_target_s"]
+    # by hand from ROWS: A >= 0.6 first at round 4 (55 s), B at round 2 (25 s), both at once
+    # only at round 5 (70 s; 'mean' is not a task of 'all'), eval_mean >= 0.6 at round 2 (25 s)
+    assert ttt == {A: 55.0, B: 25.0, rp.ALL: 70.0, rp.MEAN: 25.0}
+    assert "mean over tasks ≥ 0.6" in rp.render_markdown(summary)
+    assert rp.parse_target("ARC-Easy=0.5,mean=0.4") == {"ARC-Easy": 0.5, "mean": 0.4}
+
+
 def test_step_band():
     grid, mean, lo, hi = rp.step_band([([0, 10, 20], [0.0, 0.5, 0.7]), ([0, 15], [0.1, 0.6])])
     np.testing.assert_allclose(grid, [0, 10, 15, 20])

@@ -33,6 +33,8 @@ def test_targets_from_reference_by_hand():
     assert rule["reference"]["a"] == pytest.approx(ref_a)
     assert rule["targets"] == {"a": round(0.25 + 0.8 * (ref_a - 0.25), 3)}
     assert rule["no_gain"] == ["b"]  # (0.31 + 0.29 + 0.32) / 3 - 0.30 = 0.007 < 0.03
+    ref_mean = (ref_a + (0.31 + 0.29 + 0.32) / 3) / 2  # the same rule on the mean over tasks
+    assert rule["mean_target"] == round(0.275 + 0.8 * (ref_mean - 0.275), 3)
 
 
 def test_targets_need_evaluations_and_some_gain():

@@ -195,7 +195,7 @@ def study(studies: list[Path] = typer.Argument(..., help="study files (experimen
 @app.command()
 @user_errors
 def report(outs: list[Path] = typer.Argument(..., help="run folders, or folders holding run folders"),
-           target: Optional[str] = typer.Option(None, "--target", help="0.6 (mean and each task) or TASK=ACC,TASK=ACC"),
+           target: Optional[str] = typer.Option(None, "--target", help="0.6 (mean and each task) or TASK=ACC,TASK=ACC[,mean=ACC]"),
            out: Optional[Path] = typer.Option(None, "-o", "--out", help="where to write (default: the first OUT)"),
            baseline: Optional[str] = typer.Option(None, "--baseline", help="speedups against this method"),
            focus: Optional[str] = typer.Option(None, "--focus", help="add a table: this method's speedup over each other, per seed")):

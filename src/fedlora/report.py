@@ -219,7 +219,8 @@ def _check_target(target, where: str) -> Target:
 
 
 def parse_target(text: str) -> float | dict[str, float]:
-    """'0.6' (mean and every task) or 'ARC-Easy=0.8,openbookqa=0.6' (per task)."""
+    """'0.6' (mean and every task) or 'ARC-Easy=0.8,openbookqa=0.6' (per task; 'mean=0.5'
+    adds a target on the mean over tasks)."""
     text = text.strip()
     if "=" not in text:
         try:
@@ -242,13 +243,17 @@ def parse_target(text: str) -> float | dict[str, float]:
 
 def target_keys(target: Target, tasks: Sequence[str]) -> dict[str, float | dict[str, float]]:
     """What to time, by key. A float: every task and MEAN (eval_mean). A dict: each named task,
-    and ALL (every named task at once) when it names more than one."""
+    ALL (every named task at once) when it names more than one, and MEAN when it has a 'mean'
+    entry (a target on eval_mean, not a task)."""
     if target is None:
         return {}
     if isinstance(target, dict):
-        keys: dict[str, Any] = dict(target)
-        if len(target) > 1:
-            keys[ALL] = dict(target)
+        per_task = {k: v for k, v in target.items() if k != MEAN}
+        keys: dict[str, Any] = dict(per_task)
+        if len(per_task) > 1:
+            keys[ALL] = dict(per_task)
+        if MEAN in target:
+            keys[MEAN] = float(target[MEAN])
         return keys
     return {**{t: float(target) for t in tasks}, MEAN: float(target)}
 
@@ -363,11 +368,12 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
     for r in runs:
         tasks.extend(t for t in r.tasks if t not in tasks)
     if isinstance(target, dict):
-        unknown = [t for t in target if t not in tasks]
+        unknown = [t for t in target if t not in tasks and t != MEAN]
         if unknown:
             raise InputError(f"target task '{unknown[0]}' is not among the evaluated tasks ({', '.join(tasks)})")
     keys = target_keys(target, tasks)
-    primary = None if not keys else (MEAN if MEAN in keys else ALL if ALL in keys else next(iter(keys)))
+    # a per-task target's primary key stays ALL (the runs' stopping rule) when it also times the mean
+    primary = None if not keys else (ALL if ALL in keys else MEAN if MEAN in keys else next(iter(keys)))
     groups = group_runs(runs)
     if baseline is not None and baseline not in groups:
         raise InputError(f"--baseline '{baseline}': no runs of that method (found: {', '.join(groups)})")
@@ -523,9 +529,11 @@ def _target_text(target: Target) -> str:
         return ("No target accuracy (set train.target_accuracy or pass --target): "
                 "time-to-target columns are left out.")
     if isinstance(target, dict):
-        parts = ", ".join(f"{t} ≥ {v:g}" for t, v in target.items())
-        extra = " and all of them at once (column 'all')" if len(target) > 1 else ""
-        return f"Target accuracy per task: {parts}{extra}."
+        per_task = {t: v for t, v in target.items() if t != MEAN}
+        parts = ", ".join(f"{t} ≥ {v:g}" for t, v in per_task.items())
+        extra = " and all of them at once (column 'all')" if len(per_task) > 1 else ""
+        mean = f"; mean over tasks ≥ {target[MEAN]:g} (column 'mean')" if MEAN in target else ""
+        return f"Target accuracy per task: {parts}{extra}{mean}."
     return f"Target accuracy {target:g} on the mean over tasks and on each task."
 
 
@@ -665,7 +673,7 @@ def write_plots(runs: Sequence[Run], summary: dict, out_dir: Path) -> list[Path]
         if target is None:
             return None
         if isinstance(target, dict):
-            return target.get(task) if task is not None else None
+            return target.get(task if task is not None else MEAN)
         return target
 
     written = []

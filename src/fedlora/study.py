@@ -9,8 +9,11 @@ setting (base + study overrides + variant overrides) the runner does, in this or
    * the target of each task: acc0 + target_fraction * (acc_ref - acc0), acc0 the accuracy
      before training, acc_ref the mean of the reference's last 3 evaluations; a task whose
      gain acc_ref - acc0 is below `min_gain` gets no target (it did not learn at this scale);
+   * the same rule on the mean accuracy over tasks: a secondary column of the summaries
+     (runs do not stop on it);
    * the pilot loss (for the planner's constants, seed 001 section V-A): the reference's
-     train loss (3-round mean) after two thirds of its rounds.
+     probe loss (train loss where it measures none), 3-round mean, after two thirds of its
+     rounds.
    Both go to <setting>/targets.json and into every later run's config.yaml, before any of
    those runs starts: nothing is tuned after seeing the compared methods.
 2. Pilots (only when a method plans): the 4 pilot settings of `planner.pilot.settings` per
@@ -147,6 +150,12 @@ def targets_from_reference(rows: list[dict], fraction: float, min_gain: float) -
     if not out["targets"]:
         raise InputError(f"reference: no task gained {min_gain} accuracy; no target can be set "
                          "(train longer or check the learning rate)")
+    # the same rule on the mean over tasks: a secondary, less noisy column of the summaries
+    # (its evaluation pools every task's questions); runs never stop on it
+    mean_start = sum(start.values()) / len(start)
+    mean_ref = sum(out["reference"].values()) / len(start)
+    if mean_ref - mean_start >= min_gain:
+        out["mean_target"] = round(mean_start + fraction * (mean_ref - mean_start), 3)
     return out
 
 
@@ -278,7 +287,7 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
     """Run the study files into OUT (shared references and pilots under OUT/settings/);
     returns {study name: report summary}. Raises InputError on bad input, RuntimeError when
     runs failed (after every other run is done and reported)."""
-    from .report import report
+    from .report import MEAN, report
 
     out = Path(out)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -391,8 +400,10 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
     summaries = {}
     for spec, vname, st, root in plan:
         if root.exists():
-            summaries[f"{spec.name}{'/' + vname if vname else ''}"] = report([root], target=rules[st.key]["targets"],
-                                                                            baseline=None, focus=spec.methods[0])
+            rule = rules[st.key]
+            target = {**rule["targets"], **({MEAN: rule["mean_target"]} if "mean_target" in rule else {})}
+            summaries[f"{spec.name}{'/' + vname if vname else ''}"] = report([root], target=target, baseline=None,
+                                                                            focus=spec.methods[0])
     _raise_failures(runner)
     return summaries
 
