@@ -98,7 +98,7 @@ def test_shipped_studies_load_and_share_one_setting():
 
 
 @pytest.mark.slow
-def test_smoke_study_end_to_end(tmp_path):
+def test_smoke_study_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "study"
     summaries = run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, progress=False, log=lambda m: None)
     spec, _ = load_study(ROOT / "experiments" / "smoke.yaml")
@@ -121,6 +121,25 @@ def test_smoke_study_end_to_end(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, progress=False, log=lambda m: None)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+
+    # a method that cannot plan fails alone (workers=1 runs in this process, so the planner can
+    # be made to refuse here): the study raises after the summaries, which name the failed run
+    from fedlora.methods import planned_ablations
+    from fedlora.planner import InfeasiblePlan
+
+    def refuse(*a, **k):
+        raise InfeasiblePlan("refused by the test")
+    monkeypatch.setattr(planned_ablations, "plan_ranks", refuse)
+    study = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    study["base"] = str(ROOT / "configs" / "smoke.yaml")
+    study["methods"] = ["proposed_s", *spec.methods]
+    (tmp_path / "failing.yaml").write_text(yaml.safe_dump(study))
+    with pytest.raises(RuntimeError, match="smoke proposed_s seed 0"):
+        run_studies([tmp_path / "failing.yaml"], out, workers=1, progress=False, log=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps  # the others were kept
+    md = (out / "smoke" / "summary.md").read_text()
+    assert "Runs that failed" in md and "smoke proposed_s seed 0: " in md and "refused by the test" in md
+    assert json.loads((out / "smoke" / "summary.json").read_text())["failed"][0].startswith("smoke proposed_s seed 0: ")
 
 
 def test_cli_study_bad_input_exits_2(tmp_path):

@@ -599,6 +599,8 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
         for label, per_key in summary["focus"]["speedup_over"].items():
             rows3.append([label] + [_fmt_pair_speedup(per_key[k]) for k in keys])
         out += _table(["vs"] + [key_name(k) for k in keys], [":--"] + ["--:"] * len(keys), rows3)
+    if summary.get("failed"):
+        out += ["", "## Runs that failed (not in the tables)", ""] + [f"- {line}" for line in summary["failed"]]
     out += ["", "Plots: accuracy_vs_time.png (accuracy per task and mean vs simulated time), "
                 "bytes_vs_accuracy.png (mean accuracy vs cumulative upload bytes).", ""]
     return "\n".join(out)
@@ -737,10 +739,12 @@ def _jsonable(x):
 
 
 def report(paths: Sequence[str | Path], out: str | Path | None = None, target: Target | str = None,
-           baseline: str | None = None, plots: bool = True, focus: str | None = None) -> dict:
+           baseline: str | None = None, plots: bool = True, focus: str | None = None,
+           failed: Sequence[str] = ()) -> dict:
     """Find run folders under `paths`, summarize them and write summary.json, summary.md and
-    the plots into `out` (default: the first path). Returns the summary (with 'markdown' and
-    'files'). Raises InputError on bad input."""
+    the plots into `out` (default: the first path). `failed`: lines naming runs that were
+    meant to be there but failed (listed, not counted). Returns the summary (with 'markdown'
+    and 'files'). Raises InputError on bad input."""
     if isinstance(target, str):
         target = parse_target(target)
     folders = find_runs(paths)
@@ -750,6 +754,7 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, target: T
         raise InputError(f"{out_dir}: exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs, target=target, baseline=baseline, relative_to=out_dir, focus=focus)
+    summary["failed"] = list(failed)
     markdown = render_markdown(summary)
     _write_atomic(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=1))
     _write_atomic(out_dir / "summary.md", markdown)

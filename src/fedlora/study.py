@@ -402,8 +402,12 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
         if root.exists():
             rule = rules[st.key]
             target = {**rule["targets"], **({MEAN: rule["mean_target"]} if "mean_target" in rule else {})}
-            summaries[f"{spec.name}{'/' + vname if vname else ''}"] = report([root], target=target, baseline=None,
-                                                                            focus=spec.methods[0])
+            name = f"{spec.name}{'/' + vname if vname else ''}"
+            failed = [f"{label}: {msg.splitlines()[-1] if msg else ''}" for label, msg in runner.failures
+                      if label.startswith(name + " ") or label.startswith(f"constants {st.key} ")]
+            ran = any((root / spec.methods[0]).glob("*/metrics.jsonl"))
+            focus = spec.methods[0] if ran else None  # None: it failed in every seed
+            summaries[name] = report([root], target=target, baseline=None, focus=focus, failed=failed)
     _raise_failures(runner)
     return summaries
 
