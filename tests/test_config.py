@@ -46,6 +46,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
      ["participation_prob has 2 values for 3 clients"]),
     ({}, ["train.lr=-1"], ["train.lr", "-1"]),
     ({}, ["train.target_accuracy=1.5"], ["train.target_accuracy", "1.5"]),
+    ({}, ["train.target_accuracy={ARC-Easy: 0.4, mean: 0.35}"], ["train.target_accuracy", "give a number"]),
     ({"system": {"profiles": {"source": "file"}}}, [], ["system.profiles.file"]),
 ])
 def test_bad_values(tmp_path, data, overrides, needles):

@@ -66,6 +66,8 @@ class TrainConfig(_Strict):
     @field_validator("target_accuracy")
     @classmethod
     def _target_in_range(cls, v):
+        if isinstance(v, dict) and "mean" in v:  # only reports time a mean next to per-task targets
+            raise ValueError("per-task targets name tasks; for the mean accuracy over tasks give a number")
         values = v.values() if isinstance(v, dict) else ([] if v is None else [v])
         for x in values:
             if not 0 < x <= 1:
