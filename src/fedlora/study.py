@@ -391,8 +391,8 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
                 if (st.key, seed) in constants and (_method_needs_constants(m) or m == "sample_weighted"):
                     # sample_weighted matches the planned expected participants (methods/sampling_baselines.py)
                     c.planner.constants = ConstantsConfig(**constants[st.key, seed]["constants"])
-                jobs.append(Job("method", c, root / m / f"seed{seed}", label=f"{spec.name}{'/' + vname if vname else ''} "
-                                f"{m} seed {seed}"))
+                jobs.append(Job("method", c, root / m / f"seed{seed}",
+                                label=f"{_study_label(spec.name, vname)} {m} seed {seed}"))
     jobs.sort(key=lambda j: j.cfg.seed)  # every study's seed 0 first: a cut-short study still has one seed
     log(f"{len(jobs)} method run(s)")
     runner.run(jobs)
@@ -402,8 +402,8 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
         if root.exists():
             rule = rules[st.key]
             target = {**rule["targets"], **({MEAN: rule["mean_target"]} if "mean_target" in rule else {})}
-            name = f"{spec.name}{'/' + vname if vname else ''}"
-            failed = [f"{label}: {msg.splitlines()[-1] if msg else ''}" for label, msg in runner.failures
+            name = _study_label(spec.name, vname)
+            failed = [_failure_line(label, msg) for label, msg in runner.failures
                       if label.startswith(name + " ") or label.startswith(f"constants {st.key} ")]
             ran = any((root / spec.methods[0]).glob("*/metrics.jsonl"))
             focus = spec.methods[0] if ran else None  # None: it failed in every seed
@@ -459,9 +459,17 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _study_label(name: str, variant: str | None) -> str:
+    return f"{name}/{variant}" if variant else name
+
+
+def _failure_line(label: str, msg: str) -> str:
+    return f"{label}: {msg.splitlines()[-1] if msg else ''}"
+
+
 def _raise_failures(runner: Runner) -> None:
     if runner.failures:
-        lines = "\n".join(f"  {label}: {msg.splitlines()[-1] if msg else ''}" for label, msg in runner.failures)
+        lines = "\n".join(f"  {_failure_line(label, msg)}" for label, msg in runner.failures)
         raise RuntimeError(f"{len(runner.failures)} run(s) failed:\n{lines}")
 
 
