@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedlora run configs/quickstart.yaml -o runs/quickstart --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 bench: $(STAMP)
 	$(PY) bench/engine_overhead.py
