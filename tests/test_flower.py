@@ -233,10 +233,12 @@ def test_missing_and_bad_replies_are_recorded(tmp_path, caplog, task_identity):
     import torch
     from flwr.app import ArrayRecord
 
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
     def tamper(pid, reply):
         t = int(reply.content["meta"]["round"])
-        if pid == 3 and t == 1:
-            return None  # never answers in round 1
+        if pid == 3 and t == 1:  # node gone: the SuperLink answers with an error from node 1
+            return create_message_error_unavailable_res_message(reply.metadata, "NODE_UNAVAILABLE")
         if pid == 0 and t == 1:  # NaN update
             p = reply.content["payload"].to_torch_state_dict()
             k = next(iter(p))
@@ -259,6 +261,7 @@ def test_missing_and_bad_replies_are_recorded(tmp_path, caplog, task_identity):
     assert result["rejected_replies"] == {"0": 1, "1": 1, "2": 0, "3": 0}
     text = caplog.text
     assert "non-finite" in text and "shape" in text and "missing replies from clients [3]" in text
+    assert "undeliverable message" in text and "unexpected node" not in text
     assert all(math.isfinite(v) for v in result["final_eval"].values())
 
 

@@ -182,7 +182,10 @@ class FedLoraStrategy(Strategy):
             node = reply.metadata.src_node_id
             cid = sent.get(node)
             if cid is None:
-                _info("round %s: reply from unexpected node %s ignored", server_round, node)
+                if reply.has_error():  # the SuperLink answers for a node it found gone (src node 1)
+                    _info("round %s: undeliverable message (node gone?): %s", server_round, reply.error.reason)
+                else:
+                    _info("round %s: reply from unexpected node %s ignored", server_round, node)
                 continue
             if reply.has_error():
                 _info("round %s: client %s (node %s) failed: %s", server_round, cid, node, reply.error.reason)
