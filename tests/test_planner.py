@@ -5,6 +5,7 @@ constraints, and constant estimation."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 
@@ -66,7 +67,9 @@ def check_plan_constraints(pl: Plan, pr: PlanProblem) -> None:
 def brute_force(pr: PlanProblem, step=0.05, *, full_rank=False, fixed_q=None):
     """Best P2 value over q on the grid {step, 2 step, ..., 1}^N and every rank vector,
     respecting the Appendix-C bound. Vectorised over the q grid per rank vector.
-    full_rank: only k = r (the sampling ablation); fixed_q: only that q (the rank ablation)."""
+    full_rank: only k = r (the sampling ablation); fixed_q: only that q (the rank ablation).
+    pr.pin_large_clients: a client whose bound exceeds its largest q (1, or its fixed q) even
+    at full rank may only take that q and k = r."""
     n, r, kc = pr.num_clients, pr.rank, pr.constants
     grid = np.arange(1, int(round(1 / step)) + 1) * step
     Q = np.array(list(itertools.product(grid, repeat=n))) if fixed_q is None else np.asarray(fixed_q)[None, :]
@@ -74,7 +77,10 @@ def brute_force(pr: PlanProblem, step=0.05, *, full_rank=False, fixed_q=None):
     P = p2 / Q
     X = P.sum(1)
     L = pr.num_clients * kc.gamma * p2 / kc.beta
-    feas = [[Q[:, i] * (kk / r) >= L[i] * (1 - 1e-12) for kk in range(1, r + 1)] for i in range(n)]
+    q_max = np.ones(n) if fixed_q is None else np.asarray(fixed_q, dtype=float)
+    pinned = pr.pin_large_clients & (L > q_max)
+    feas = [[(Q[:, i] >= q_max[i]) & (kk == r) if pinned[i] else Q[:, i] * (kk / r) >= L[i] * (1 - 1e-12)
+             for kk in range(1, r + 1)] for i in range(n)]
     best = (math.inf, None, None)
     for ks in ([(r,) * n] if full_rank else itertools.product(range(1, r + 1), repeat=n)):
         ks = np.array(ks)
@@ -456,6 +462,60 @@ def test_infeasible_constants_raise_with_message():
     with pytest.raises(InfeasiblePlan, match="client"):
         check_feasible(bad2)
     assert issubclass(InfeasiblePlan, ValueError)
+
+
+def _pinned_problem(seed, *, r=3, pin=True):
+    """3 clients, the largest too large for the Appendix-C bound (N gamma p_max^2 = 1.3 > 1),
+    while gamma sum p^2 < beta: the seed's planner refuses, the exact condition holds."""
+    pr = make_problem(3, seed, r=r, gamma=1.0, cm=ComputeModel("affine", 0.3), comp_sigma=0.8, link_sigma=1.2,
+                      dir_a=0.7)
+    p = pr.data_share
+    gamma = 1.3 / (3 * float(np.max(p)) ** 2)
+    return dataclasses.replace(pr, constants=BoundConstants(1.0, 1.0, gamma, pr.constants.delta),
+                               pin_large_clients=pin)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_relaxed_appendix_c_pins_large_clients_and_matches_brute_force(seed):
+    pr = _pinned_problem(seed)
+    big = int(np.argmax(pr.data_share))
+    strict = dataclasses.replace(pr, pin_large_clients=False)
+    with pytest.raises(InfeasiblePlan, match="pin_large_clients"):
+        plan(strict)
+    lb = q_lower_bound(np.ones(3), pr.data_share, pr.constants)
+    assert lb[big] > 1 and np.sum(lb > 1) == 1
+    for planner, kw in ((plan, {}), (plan_participation, {"full_rank": True})):
+        pl = planner(pr)
+        best, _q, _k = brute_force(pr, **kw)
+        assert math.isfinite(best) and math.isfinite(pl.objective)
+        assert pl.participation_prob[big] == 1.0 and pl.ranks[big] == pr.rank
+        others = np.arange(3) != big
+        lb_s = q_lower_bound(pl.sketch_ratio, pr.data_share, pr.constants)
+        assert np.all(pl.participation_prob[others] >= lb_s[others] * (1 - 1e-12))
+        assert pl.objective == pytest.approx(objective(pl.participation_prob, pl.sketch_ratio, pr), rel=1e-12)
+        assert pl.objective <= 1.02 * best, (planner.__name__, pl.objective, best)
+    # rank ablation at a fixed q below the big client's bound: it keeps full rank
+    q = np.full(3, 0.9)
+    pl = plan_ranks(pr, q)
+    best, _q, _k = brute_force(pr, fixed_q=q)
+    assert pl.ranks[big] == pr.rank and np.all(pl.participation_prob == 0.9)
+    assert pl.objective <= 1.05 * best
+    with pytest.raises(InfeasiblePlan):
+        plan_ranks(strict, q)
+
+
+def test_relaxed_appendix_c_changes_nothing_where_the_seed_plans():
+    pr = make_problem(4, 5, r=4, gamma=0.3, cm=ComputeModel("affine", 0.3), dir_a=2.0)
+    assert np.all(q_lower_bound(np.ones(4), pr.data_share, pr.constants) < 0.5)
+    relaxed = dataclasses.replace(pr, pin_large_clients=True)
+    assert plan(relaxed).to_dict() == plan(pr).to_dict()
+    assert plan_participation(relaxed).to_dict() == plan_participation(pr).to_dict()
+    q = np.full(4, 0.5)
+    assert plan_ranks(relaxed, q).to_dict() == plan_ranks(pr, q).to_dict()
+    # the exact condition still binds: q so small that gamma sum p^2 / q >= beta
+    tiny = np.full(4, 0.01)
+    with pytest.raises(InfeasiblePlan):
+        plan_ranks(relaxed, tiny)
 
 
 def test_problem_validation():

@@ -119,6 +119,10 @@ class PlanProblem:
     compute_time_s: c_i > 0, tau local steps at full rank (s = 1).
     upload_s_hz: t_cm_i(1) >= 0, full-rank upload time at 1 Hz (seconds * Hz).
     bandwidth_hz: B > 0. rank: r >= 1 (global LoRA rank).
+    pin_large_clients: False = the seed's Appendix-C bound for every client (a client whose
+      bound exceeds 1 makes P2 infeasible). True = relaxed Appendix C [ours]: such a client is
+      pinned at full rank and the largest q it may have (1; its fixed q in ``plan_ranks``),
+      the others keep the bound, and the plan must still meet gamma Y < beta (finite R).
     """
 
     data_share: np.ndarray
@@ -128,6 +132,7 @@ class PlanProblem:
     rank: int
     compute_model: ComputeModel
     constants: BoundConstants
+    pin_large_clients: bool = False
 
     def __post_init__(self) -> None:
         p = _vector("data_share", self.data_share)
@@ -161,6 +166,7 @@ class PlanProblem:
         object.__setattr__(self, "upload_s_hz", _frozen(u))
         object.__setattr__(self, "bandwidth_hz", bw)
         object.__setattr__(self, "rank", int(r))
+        object.__setattr__(self, "pin_large_clients", bool(self.pin_large_clients))
 
     @property
     def num_clients(self) -> int:
@@ -270,12 +276,13 @@ def check_feasible(problem: PlanProblem) -> None:
             "the constants say training does not converge, re-estimate them (gamma too large relative to beta)")
     lb = q_lower_bound(np.ones(n), p, k)
     bad = np.flatnonzero(lb > 1.0 + 1e-12)
-    if bad.size:
+    if bad.size and not problem.pin_large_clients:
         show = ", ".join(f"{i} (needs q >= {lb[i]:.4g})" for i in bad[:5])
         more = f" and {bad.size - 5} more" if bad.size > 5 else ""
         raise InfeasiblePlan(
             f"the Appendix-C condition q_i >= N*gamma*p_i^2/(beta*s_i) exceeds 1 even at full rank for client(s) "
-            f"{show}{more}; their data share is too large for gamma/beta = {k.gamma / k.beta:.6g} with N = {n}")
+            f"{show}{more}; their data share is too large for gamma/beta = {k.gamma / k.beta:.6g} with N = {n} "
+            "(planner.pin_large_clients relaxes the bound for such clients)")
 
 
 def monte_carlo_round_time_s(q, s, problem: PlanProblem, *, rounds: int, seed: int) -> tuple[float, float]:
@@ -392,6 +399,9 @@ class _Core:
         # q_i * s_i >= lbk_i; the 1e-10 margin covers the rounding of p, so that the plan meets
         # the bound computed from the unrounded inputs
         self.lbk = n * self.gamma * self.p2 * (1.0 + 1e-10)
+        self.pinned = np.zeros(n, dtype=bool)
+        if problem.pin_large_clients:
+            self.pin(np.ones(n))
         # clients with identical (p, c, t_cm) are interchangeable: moved together in the s-step
         key = np.stack([p, c, problem.upload_s_hz], axis=1)
         _, inv = np.unique(key, axis=0, return_inverse=True)
@@ -402,6 +412,13 @@ class _Core:
         self.groups = [np.flatnonzero(self.group == g) for g in np.flatnonzero(counts > 1)]
 
     # -- constraints
+    def pin(self, q_max: np.ndarray) -> None:
+        """Relaxed Appendix C: a client whose bound exceeds q_max_i even at full rank gets
+        q_i s_i >= q_max_i, i.e. q_i = q_max_i and s_i = 1. (The s-step's move test uses the
+        unrelaxed bound, so a pinned client is never moved off full rank.)"""
+        self.pinned |= self.lbk > q_max
+        self.lbk = np.where(self.pinned, np.minimum(self.lbk, q_max), self.lbk)
+
     def q_lb(self, k: np.ndarray) -> np.ndarray:
         return np.maximum(self.lbk / self.s_grid[k - 1], Q_FLOOR)
 
@@ -890,11 +907,16 @@ def plan_ranks(problem: PlanProblem, participation_prob) -> Plan:
     core = _Core(problem)
     q = _check_q(participation_prob, core.n).copy()
     k = np.full(core.n, core.r, dtype=np.int64)
+    if problem.pin_large_clients:
+        core.pin(q)
     if np.any(q < core.q_lb(k) * (1 - 1e-12)):
         raise InfeasiblePlan("the fixed participation probabilities are below the Appendix-C bound "
                              "q_i >= N gamma p_i^2 / beta even at full rank")
     k_min = core.k_min(q)
     f = core.value(q, k)
+    if not math.isfinite(f):
+        raise InfeasiblePlan("the fixed participation probabilities break the convergence condition "
+                             "gamma * sum(p^2 / q) < beta even at full rank")
     sweeps = 0
     improved = True
     while improved:

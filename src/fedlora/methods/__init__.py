@@ -10,6 +10,7 @@ from .hetlora import HetLoRA
 from .manual import IndependentSketch
 from .planned_ablations import ProposedQ, ProposedS
 from .proposed import Proposed
+from .relaxed import ProposedRelaxed, ProposedSRelaxed
 from .rank_baselines import RankFull, RankNormal, RankUniform
 from .sampling_baselines import SampleFixed, SampleFull, SampleUniform, SampleWeighted
 from .soft import Soft
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     Proposed, IndependentSketch,  # seed 001: Algorithm 1 + 2, and Algorithm 1 with q, s given
     FSLoRA, HetLoRA, FLoRA, FlexLoRA,  # heterogeneous-rank federated LoRA baselines
     ProposedQ, ProposedS,  # seed 001: the planner's q half and s half alone (Figs. 2, 3)
+    ProposedRelaxed, ProposedSRelaxed,  # the same planners, Appendix-C bound relaxed for large clients (ours)
     SampleFull, SampleFixed, SampleUniform, SampleWeighted,  # seed 001 section VI-A
     RankFull, RankNormal, RankUniform,  # seed 001 section VI-B
     Soft, Tsfa,  # seed 002 (reconstructed)

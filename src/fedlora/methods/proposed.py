@@ -17,18 +17,20 @@ from ..system import ComputeModel
 from .manual import IndependentSketch
 
 
-def plan_problem(ctx) -> PlanProblem:
+def plan_problem(ctx, pin_large_clients: bool = False) -> PlanProblem:
     cfg = ctx.cfg
     cm = cfg.system.compute_model
     return PlanProblem(data_share=ctx.data_share, compute_time_s=ctx.compute_time_s, upload_s_hz=ctx.upload_s_hz,
                        bandwidth_hz=cfg.system.bandwidth_hz, rank=cfg.lora.rank,
-                       compute_model=ComputeModel(cm.kind, cm.fixed_fraction), constants=ctx.constants)
+                       compute_model=ComputeModel(cm.kind, cm.fixed_fraction), constants=ctx.constants,
+                       pin_large_clients=pin_large_clients)
 
 
 class Proposed(IndependentSketch):
     name = "proposed"
     summary = "seed 001: planner picks q_i and ranks k_i (Algorithm 2) minimizing the convergence-time bound"
     needs_constants = True
+    pin_large_clients = False  # the seed's Appendix-C bound for every client (methods/relaxed.py relaxes it)
 
     def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
         self.planned = self.run_planner(plan)
@@ -40,7 +42,7 @@ class Proposed(IndependentSketch):
         from ..planner import InfeasiblePlan
 
         try:
-            return planner(plan_problem(self.ctx), *args)
+            return planner(plan_problem(self.ctx, self.pin_large_clients), *args)
         except InfeasiblePlan as e:
             raise InputError(f"planner.constants / sampling.participation_prob: {e}") from None
 
