@@ -55,6 +55,25 @@ def test_ablations_plan_one_half_each(setup):
     np.testing.assert_array_equal(s, plan_ranks(plan_problem(ctx), np.full(len(q), fixed)).sketch_ratio)
 
 
+def test_relaxed_methods_plan_where_the_seeds_planner_refuses(setup):
+    ctx = setup.method_context()
+    p = np.asarray(ctx.data_share)
+    big, n = int(np.argmax(p)), p.size
+    gamma = 1.05 / (n * p[big] ** 2)  # the largest client's Appendix-C bound: 1.05 at q = s = 1
+    fixed = float(setup.cfg.sampling.participation_prob)
+    assert gamma * np.sum(p * p) / fixed < 1  # the exact condition holds even at the fixed q
+    ctx.constants = BoundConstants(2.0, 1.0, float(gamma), 0.5)
+    for name in ("proposed", "proposed_s"):
+        with pytest.raises(InputError, match="Appendix-C"):
+            get_method(name)(ctx).choose_q_s()
+    q, s = get_method("proposed_relaxed")(ctx).choose_q_s()
+    assert q[big] == 1.0 and s[big] == 1.0
+    np.testing.assert_array_equal(q, plan(plan_problem(ctx, pin_large_clients=True)).participation_prob)
+    q, s = get_method("proposed_s_relaxed")(ctx).choose_q_s()
+    assert np.all(q == fixed) and s[big] == 1.0
+    np.testing.assert_array_equal(s, plan_ranks(plan_problem(ctx, True), np.full(n, fixed)).sketch_ratio)
+
+
 def test_plan_command_json(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-m", "fedlora.cli", "plan", str(SMOKE), "--json", CONSTANTS],
