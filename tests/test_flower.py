@@ -113,10 +113,12 @@ def test_local_deployment_matches_inprocess(flower_deploy, tmp_path):
 
 @pytest.mark.slow
 def test_deployment_node_killed_mid_run_is_missing_and_rejoins(flower_deploy, tmp_path):
-    """Kill SuperNode 2 after round 1: its replies are missing, the run goes on; restarted, it rejoins."""
+    """Kill SuperNode 2 once the run has started: its replies are missing, the run goes on;
+    restarted, it rejoins. (Two rounds: every round costs each node a fresh ClientApp
+    process, 40-60 s a round on a 2-core machine.)"""
     import subprocess
 
-    overrides = ["data.num_clients=3", "train.rounds=3", "sampling.participation_prob=1.0", "eval.every=3"]
+    overrides = ["data.num_clients=3", "train.rounds=2", "sampling.participation_prob=1.0", "eval.every=2"]
     out = tmp_path / "fault_out"
     cmd = flower_deploy.run_command(SMOKE, out, overrides=overrides, round_timeout=60, connect_timeout=300)
     log = open(flower_deploy.logs / "flwr-run-fault.log", "wb")
@@ -126,17 +128,15 @@ def test_deployment_node_killed_mid_run_is_missing_and_rejoins(flower_deploy, tm
 
     try:
         deadline = time.monotonic() + 600
-
-        def wait_round(t):
-            while not ((out / "metrics.jsonl").exists() and any(r["round"] >= t for r in rows(out))):
-                assert proc.poll() is None, (flower_deploy.logs / "flwr-run-fault.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "run too slow"
-                time.sleep(0.5)
-
-        wait_round(1)
-        flower_deploy.kill_node(2)  # crash: no goodbye to the SuperLink; round 2 was sent to it
+        # row 0 (evaluation before training) is written after discovery found all three
+        # nodes, and round 1 is sent right after it
+        while not ((out / "metrics.jsonl").exists() and rows(out)):
+            assert proc.poll() is None, (flower_deploy.logs / "flwr-run-fault.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "run too slow"
+            time.sleep(0.5)
+        flower_deploy.kill_node(2)  # crash: no goodbye to the SuperLink; round 1 was sent to it
         # restart at once: new node id, same partition; it needs seconds to register, so round
-        # 2 (already addressed to the dead node) misses it and round 3 takes it in
+        # 1 (already addressed to the dead node) misses it and round 2 takes it in
         flower_deploy.start_node(2)
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
@@ -144,16 +144,11 @@ def test_deployment_node_killed_mid_run_is_missing_and_rejoins(flower_deploy, tm
         log.close()
     result = check_result(out)
     got = rows(out)
-    assert [r["round"] for r in got] == [0, 1, 2, 3]
-    assert got[1]["participants"] == [0, 1, 2] and got[1]["missing"] == []
-    missed = [r["round"] for r in got[1:] if 2 in r["missing"]]
-    assert missed and 2 in missed, got
-    for r in got[1:]:
-        assert 2 not in r["participants"] or 2 not in r["missing"]
-        assert set(r["participants"]) | set(r["missing"]) == {0, 1, 2}
-    assert result["missing_replies"]["2"] == len(missed) and result["missing_replies"]["0"] == 0
-    assert 2 in got[-1]["participants"], "restarted node did not rejoin"
-    assert "eval_mean" in got[-1] and result["rounds"] == 3
+    assert [r["round"] for r in got] == [0, 1, 2]
+    assert got[1]["missing"] == [2] and got[1]["participants"] == [0, 1], got
+    assert got[2]["missing"] == [] and got[2]["participants"] == [0, 1, 2], "restarted node did not rejoin"
+    assert result["missing_replies"] == {"0": 0, "1": 0, "2": 1}
+    assert "eval_mean" in got[-1] and result["rounds"] == 2
 
 
 # ------------------------------------------------------- faults, in process (fast)
