@@ -282,7 +282,7 @@ def check_feasible(problem: PlanProblem) -> None:
         raise InfeasiblePlan(
             f"the Appendix-C condition q_i >= N*gamma*p_i^2/(beta*s_i) exceeds 1 even at full rank for client(s) "
             f"{show}{more}; their data share is too large for gamma/beta = {k.gamma / k.beta:.6g} with N = {n} "
-            "(planner.pin_large_clients relaxes the bound for such clients)")
+            "(pin_large_clients relaxes the bound for such clients)")
 
 
 def monte_carlo_round_time_s(q, s, problem: PlanProblem, *, rounds: int, seed: int) -> tuple[float, float]:

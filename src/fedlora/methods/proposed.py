@@ -44,7 +44,10 @@ class Proposed(IndependentSketch):
         try:
             return planner(plan_problem(self.ctx, self.pin_large_clients), *args)
         except InfeasiblePlan as e:
-            raise InputError(f"planner.constants / sampling.participation_prob: {e}") from None
+            hint = ""
+            if "Appendix-C" in str(e) and not self.pin_large_clients:
+                hint = "; methods proposed_relaxed / proposed_s_relaxed plan with the bound relaxed for such clients"
+            raise InputError(f"planner.constants / sampling.participation_prob: {e}{hint}") from None
 
     def plan(self) -> dict:
         out = super().plan()
