@@ -399,7 +399,6 @@ class _Core:
         # q_i * s_i >= lbk_i; the 1e-10 margin covers the rounding of p, so that the plan meets
         # the bound computed from the unrounded inputs
         self.lbk = n * self.gamma * self.p2 * (1.0 + 1e-10)
-        self.pinned = np.zeros(n, dtype=bool)
         if problem.pin_large_clients:
             self.pin(np.ones(n))
         # clients with identical (p, c, t_cm) are interchangeable: moved together in the s-step
@@ -416,8 +415,7 @@ class _Core:
         """Relaxed Appendix C: a client whose bound exceeds q_max_i even at full rank gets
         q_i s_i >= q_max_i, i.e. q_i = q_max_i and s_i = 1. (The s-step's move test uses the
         unrelaxed bound, so a pinned client is never moved off full rank.)"""
-        self.pinned |= self.lbk > q_max
-        self.lbk = np.where(self.pinned, np.minimum(self.lbk, q_max), self.lbk)
+        self.lbk = np.minimum(self.lbk, q_max)
 
     def q_lb(self, k: np.ndarray) -> np.ndarray:
         return np.maximum(self.lbk / self.s_grid[k - 1], Q_FLOOR)
