@@ -14,6 +14,7 @@ import pytest
 from scipy.optimize import minimize
 
 from fedlora.planner import (
+    AppendixCInfeasible,
     BoundConstants,
     ConstantEstimationError,
     InfeasiblePlan,
@@ -454,14 +455,15 @@ def test_infeasible_constants_raise_with_message():
     c, u = np.full(4, 1.0), np.full(4, 1.0)
     # beta - gamma * sum p^2 <= 0 even at q = s = 1
     bad = PlanProblem(p, c, u, 1.0, 4, LINEAR, BoundConstants(1.0, 1.0, 5.0, 1.0))
-    with pytest.raises(InfeasiblePlan, match="gamma"):
+    with pytest.raises(InfeasiblePlan, match="gamma") as err:
         plan(bad)
+    assert not isinstance(err.value, AppendixCInfeasible)  # pinning clients would not help here
     # Appendix-C bound above 1 for a dominant client
     p2 = np.array([0.85, 0.05, 0.05, 0.05])
     bad2 = PlanProblem(p2, c, u, 1.0, 4, LINEAR, BoundConstants(1.0, 1.0, 0.5, 1.0))
-    with pytest.raises(InfeasiblePlan, match="client"):
+    with pytest.raises(AppendixCInfeasible, match="client"):
         check_feasible(bad2)
-    assert issubclass(InfeasiblePlan, ValueError)
+    assert issubclass(AppendixCInfeasible, InfeasiblePlan) and issubclass(InfeasiblePlan, ValueError)
 
 
 def _pinned_problem(seed, *, r=3, pin=True):
@@ -480,7 +482,7 @@ def test_relaxed_appendix_c_pins_large_clients_and_matches_brute_force(seed):
     pr = _pinned_problem(seed)
     big = int(np.argmax(pr.data_share))
     strict = dataclasses.replace(pr, pin_large_clients=False)
-    with pytest.raises(InfeasiblePlan, match="pin_large_clients"):
+    with pytest.raises(AppendixCInfeasible, match="pin_large_clients"):
         plan(strict)
     lb = q_lower_bound(np.ones(3), pr.data_share, pr.constants)
     assert lb[big] > 1 and np.sum(lb > 1) == 1
@@ -500,7 +502,7 @@ def test_relaxed_appendix_c_pins_large_clients_and_matches_brute_force(seed):
     best, _q, _k = brute_force(pr, fixed_q=q)
     assert pl.ranks[big] == pr.rank and np.all(pl.participation_prob == 0.9)
     assert pl.objective <= 1.05 * best
-    with pytest.raises(InfeasiblePlan):
+    with pytest.raises(AppendixCInfeasible):
         plan_ranks(strict, q)
 
 
@@ -514,8 +516,9 @@ def test_relaxed_appendix_c_changes_nothing_where_the_seed_plans():
     assert plan_ranks(relaxed, q).to_dict() == plan_ranks(pr, q).to_dict()
     # the exact condition still binds: q so small that gamma sum p^2 / q >= beta
     tiny = np.full(4, 0.01)
-    with pytest.raises(InfeasiblePlan):
+    with pytest.raises(InfeasiblePlan) as err:
         plan_ranks(relaxed, tiny)
+    assert not isinstance(err.value, AppendixCInfeasible)
 
 
 def test_problem_validation():

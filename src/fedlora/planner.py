@@ -39,6 +39,7 @@ from .system import ComputeModel, equal_finish_allocation, round_time_bound_s
 __all__ = ["fit_constants_constrained", 
     "BoundConstants",
     "InfeasiblePlan",
+    "AppendixCInfeasible",
     "ConstantEstimationError",
     "PlanProblem",
     "Plan",
@@ -64,6 +65,11 @@ _REL_TOL = 1e-10
 
 class InfeasiblePlan(ValueError):
     """P2 has no feasible point for these constants and data shares."""
+
+
+class AppendixCInfeasible(InfeasiblePlan):
+    """The Appendix-C bound q_i >= N gamma p_i^2 / (beta s_i) cannot hold for some client
+    (its largest allowed q is too small even at full rank); pin_large_clients relaxes it."""
 
 
 class ConstantEstimationError(ValueError):
@@ -279,7 +285,7 @@ def check_feasible(problem: PlanProblem) -> None:
     if bad.size and not problem.pin_large_clients:
         show = ", ".join(f"{i} (needs q >= {lb[i]:.4g})" for i in bad[:5])
         more = f" and {bad.size - 5} more" if bad.size > 5 else ""
-        raise InfeasiblePlan(
+        raise AppendixCInfeasible(
             f"the Appendix-C condition q_i >= N*gamma*p_i^2/(beta*s_i) exceeds 1 even at full rank for client(s) "
             f"{show}{more}; their data share is too large for gamma/beta = {k.gamma / k.beta:.6g} with N = {n} "
             "(pin_large_clients relaxes the bound for such clients)")
@@ -908,7 +914,7 @@ def plan_ranks(problem: PlanProblem, participation_prob) -> Plan:
     if problem.pin_large_clients:
         core.pin(q)
     if np.any(q < core.q_lb(k) * (1 - 1e-12)):
-        raise InfeasiblePlan("the fixed participation probabilities are below the Appendix-C bound "
+        raise AppendixCInfeasible("the fixed participation probabilities are below the Appendix-C bound "
                              "q_i >= N gamma p_i^2 / beta even at full rank")
     k_min = core.k_min(q)
     f = core.value(q, k)

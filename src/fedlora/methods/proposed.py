@@ -39,13 +39,13 @@ class Proposed(IndependentSketch):
     def run_planner(self, planner, *args):
         """planner(problem, *args) -> Plan; an infeasible problem is an input error."""
         from ..config import InputError
-        from ..planner import InfeasiblePlan
+        from ..planner import AppendixCInfeasible, InfeasiblePlan
 
         try:
             return planner(plan_problem(self.ctx, self.pin_large_clients), *args)
         except InfeasiblePlan as e:
             hint = ""
-            if "Appendix-C" in str(e) and not self.pin_large_clients:
+            if isinstance(e, AppendixCInfeasible) and not self.pin_large_clients:
                 hint = "; methods proposed_relaxed / proposed_s_relaxed plan with the bound relaxed for such clients"
             raise InputError(f"planner.constants / sampling.participation_prob: {e}{hint}") from None
 
