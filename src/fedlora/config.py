@@ -13,6 +13,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+MEAN = "mean"  # target key for eval_mean, the mean accuracy over tasks (reports time it next to per-task targets)
+
 
 class InputError(ValueError):
     """A problem with what the user gave us (file, field, value). Printed as one line, exit 2."""
@@ -66,7 +68,7 @@ class TrainConfig(_Strict):
     @field_validator("target_accuracy")
     @classmethod
     def _target_in_range(cls, v):
-        if isinstance(v, dict) and "mean" in v:  # only reports time a mean next to per-task targets
+        if isinstance(v, dict) and MEAN in v:  # only reports time a mean next to per-task targets
             raise ValueError("per-task targets name tasks; for the mean accuracy over tasks give a number")
         values = v.values() if isinstance(v, dict) else ([] if v is None else [v])
         for x in values:

@@ -28,9 +28,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-from .config import InputError
-
-MEAN = "mean"  # target key: eval_mean (a float target)
+from .config import MEAN, InputError
 ALL = "all"  # target key: every per-task target at once (a dict target; the run's stopping rule)
 
 Target = float | dict[str, float] | None
