@@ -915,7 +915,7 @@ def plan_ranks(problem: PlanProblem, participation_prob) -> Plan:
         core.pin(q)
     if np.any(q < core.q_lb(k) * (1 - 1e-12)):
         raise AppendixCInfeasible("the fixed participation probabilities are below the Appendix-C bound "
-                             "q_i >= N gamma p_i^2 / beta even at full rank")
+                                  "q_i >= N gamma p_i^2 / beta even at full rank")
     k_min = core.k_min(q)
     f = core.value(q, k)
     if not math.isfinite(f):

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from .config import MEAN, InputError
+
 ALL = "all"  # target key: every per-task target at once (a dict target; the run's stopping rule)
 
 Target = float | dict[str, float] | None
