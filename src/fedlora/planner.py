@@ -28,7 +28,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cvxpy as cp
 import numpy as np
@@ -36,8 +36,10 @@ from scipy.optimize import minimize, minimize_scalar
 
 from .system import ComputeModel, equal_finish_allocation, round_time_bound_s
 
-__all__ = ["fit_constants_constrained", 
+__all__ = [
+    "fit_constants_constrained",
     "BoundConstants",
+    "RoundsModel",
     "InfeasiblePlan",
     "AppendixCInfeasible",
     "ConstantEstimationError",
@@ -100,6 +102,77 @@ class BoundConstants:
         return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma, "delta": self.delta}
 
 
+@dataclass(frozen=True)
+class RoundsModel:
+    """The rounds factor in its general form (docs/theory.md sections 3 and 8):
+
+        R(q, s) = (alpha + delta X) / (beta - gamma Y),
+        X = sum_i p_i^2 w_i s_i^(-theta_x) / q_i,   Y = sum_i p_i^2 w_i s_i^(-theta_y) / q_i,
+
+    with per-client weights w (``client_weight``) and sketch exponents theta_x
+    (``numerator_sketch_exponent``) and theta_y (``denominator_sketch_exponent``). The seed's
+    model is w = 1, theta_x = 0, theta_y = 1 (``RoundsModel.seed``). The online model [ours]
+    is beta = 1, gamma = 0, delta = 1, w = measured relative update energies, theta_x = the
+    sketch's cost exponent and alpha = 1 - sum p^2 w (R = 1 at full participation and rank).
+
+    Constraints: beta > 0, gamma >= 0, delta >= 0, w >= 0, theta_x, theta_y >= 0; alpha may be
+    <= 0 as long as the numerator is positive on the whole domain (PlanProblem checks
+    alpha + delta sum p^2 w > 0, its value at q = s = 1, below which X never falls).
+    """
+
+    alpha: float
+    beta: float
+    gamma: float
+    delta: float
+    client_weight: np.ndarray
+    numerator_sketch_exponent: float = 0.0
+    denominator_sketch_exponent: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma", "delta", "numerator_sketch_exponent", "denominator_sketch_exponent"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v):
+                raise ValueError(f"rounds model {name} must be finite, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, v)
+        if not self.beta > 0 or self.gamma < 0 or self.delta < 0:
+            raise ValueError(f"rounds model needs beta > 0, gamma >= 0, delta >= 0 (got {self.beta}, "
+                             f"{self.gamma}, {self.delta})")
+        if self.numerator_sketch_exponent < 0 or self.denominator_sketch_exponent < 0:
+            raise ValueError("sketch exponents must be >= 0 (a smaller sketch never lowers the rounds)")
+        w = _vector("client_weight", self.client_weight)
+        if w.size == 0 or np.any(w < 0):
+            raise ValueError("client_weight must be >= 0, one per client")
+        object.__setattr__(self, "client_weight", _frozen(w))
+
+    @classmethod
+    def seed(cls, constants: BoundConstants, num_clients: int) -> "RoundsModel":
+        """Seed 001's model: X = sum p^2 / q, Y = sum p^2 / (q s)."""
+        return cls(alpha=constants.alpha, beta=constants.beta, gamma=constants.gamma, delta=constants.delta,
+                   client_weight=np.ones(int(num_clients)))
+
+    def tables(self, data_share, s_grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b), each [n, len(s_grid)]: X = sum_i a[i, j_i] / q_i, Y = sum_i b[i, j_i] / q_i
+        when client i sits at s_grid[j_i]."""
+        pw = np.asarray(data_share, dtype=np.float64) ** 2 * self.client_weight
+        sg = np.asarray(s_grid, dtype=np.float64)
+        return (pw[:, None] * sg[None, :] ** -self.numerator_sketch_exponent,
+                pw[:, None] * sg[None, :] ** -self.denominator_sketch_exponent)
+
+    def value(self, q, s, data_share) -> float:
+        """R(q, s); +inf when beta - gamma Y <= 0."""
+        pw = np.asarray(data_share, dtype=np.float64) ** 2 * self.client_weight
+        x = float(np.sum(pw * s ** -self.numerator_sketch_exponent / q))
+        y = float(np.sum(pw * s ** -self.denominator_sketch_exponent / q))
+        den = self.beta - self.gamma * y
+        return (self.alpha + self.delta * x) / den if den > 0 else math.inf
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma, "delta": self.delta,
+                "client_weight": self.client_weight.tolist(),
+                "numerator_sketch_exponent": self.numerator_sketch_exponent,
+                "denominator_sketch_exponent": self.denominator_sketch_exponent}
+
+
 def _vector(name: str, x, n: int | None = None) -> np.ndarray:
     a = np.array(x, dtype=np.float64).reshape(-1) if np.ndim(x) else np.array([x], dtype=np.float64)
     if n is not None and a.size == 1 and n != 1:
@@ -125,10 +198,14 @@ class PlanProblem:
     compute_time_s: c_i > 0, tau local steps at full rank (s = 1).
     upload_s_hz: t_cm_i(1) >= 0, full-rank upload time at 1 Hz (seconds * Hz).
     bandwidth_hz: B > 0. rank: r >= 1 (global LoRA rank).
+    constants: BoundConstants (the seed's rounds model) or a RoundsModel (any form of
+      section 8 of docs/theory.md); ``model`` is the RoundsModel either way.
     pin_large_clients: False = the seed's Appendix-C bound for every client (a client whose
       bound exceeds 1 makes P2 infeasible). True = relaxed Appendix C [ours]: such a client is
       pinned at full rank and the largest q it may have (1; its fixed q in ``plan_ranks``),
       the others keep the bound, and the plan must still meet gamma Y < beta (finite R).
+    min_participation: a floor on every q_i (scalar or per client, in [Q_FLOOR, 1]): the
+      exploration floor of online planning, so that every client is seen now and then.
     """
 
     data_share: np.ndarray
@@ -137,8 +214,10 @@ class PlanProblem:
     bandwidth_hz: float
     rank: int
     compute_model: ComputeModel
-    constants: BoundConstants
+    constants: BoundConstants | RoundsModel
     pin_large_clients: bool = False
+    min_participation: float | np.ndarray = Q_FLOOR
+    model: RoundsModel = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         p = _vector("data_share", self.data_share)
@@ -165,8 +244,21 @@ class PlanProblem:
             raise ValueError(f"rank must be a positive integer, got {r!r}")
         if not isinstance(self.compute_model, ComputeModel):
             raise TypeError("compute_model must be a fedlora.system.ComputeModel")
-        if not isinstance(self.constants, BoundConstants):
-            raise TypeError("constants must be a BoundConstants")
+        if isinstance(self.constants, BoundConstants):
+            model = RoundsModel.seed(self.constants, n)
+        elif isinstance(self.constants, RoundsModel):
+            model = self.constants
+        else:
+            raise TypeError("constants must be a BoundConstants or a RoundsModel")
+        if model.client_weight.size != n:
+            raise ValueError(f"rounds model has {model.client_weight.size} client weights for {n} clients")
+        if not model.alpha + model.delta * float(np.sum(p * p * model.client_weight)) > 0:
+            raise ValueError("rounds model: alpha + delta X must be positive at q = s = 1 (X only grows from there)")
+        floor = _vector("min_participation", self.min_participation, n)
+        if np.any(floor < Q_FLOOR) or np.any(floor > 1):
+            raise ValueError(f"min_participation must lie in [{Q_FLOOR}, 1]")
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "min_participation", _frozen(floor))
         object.__setattr__(self, "data_share", _frozen(p))
         object.__setattr__(self, "compute_time_s", _frozen(c))
         object.__setattr__(self, "upload_s_hz", _frozen(u))
@@ -186,6 +278,11 @@ class PlanProblem:
     def upload_s_hz_at(self, sketch_ratio) -> np.ndarray:
         """t_cm_i(s_i) = s_i * t_cm_i(1) (eq. 18)."""
         return _vector("sketch_ratio", sketch_ratio, self.num_clients) * self.upload_s_hz
+
+    def rounds_factor(self, q, s) -> float:
+        """R(q, s) of this problem's rounds model (+inf when its denominator is <= 0)."""
+        n = self.num_clients
+        return self.model.value(_check_q(q, n), _check_s(s, n), self.data_share)
 
 
 @dataclass(frozen=True)
@@ -256,7 +353,7 @@ def objective(q, s, problem: PlanProblem) -> float:
     n = problem.num_clients
     q = _check_q(q, n)
     s = _check_s(s, n)
-    r = rounds_factor(q, s, problem.data_share, problem.constants)
+    r = problem.model.value(q, s, problem.data_share)
     if not math.isfinite(r):
         return math.inf
     t = round_time_bound_s(problem.compute_s(s), problem.upload_s_hz_at(s), q, problem.bandwidth_hz)
@@ -270,17 +367,17 @@ def check_feasible(problem: PlanProblem) -> None:
     rounds factor. The Appendix-C bound is smallest at s = 1; if it exceeds 1 for some
     client, no q_i <= 1 satisfies it.
     """
-    k = problem.constants
+    k = problem.model
     p = problem.data_share
     n = p.size
-    y1 = float(np.sum(p * p))
+    y1 = float(np.sum(p * p * k.client_weight))
     den = k.beta - k.gamma * y1
     if not den > 0:
         raise InfeasiblePlan(
             f"no plan can satisfy the convergence condition: beta - gamma * sum(p^2) = {den:.6g} <= 0 even with "
             f"full participation and full rank (beta={k.beta:.6g}, gamma={k.gamma:.6g}, sum p^2={y1:.6g}); "
             "the constants say training does not converge, re-estimate them (gamma too large relative to beta)")
-    lb = q_lower_bound(np.ones(n), p, k)
+    lb = n * k.gamma * p * p * k.client_weight / k.beta
     bad = np.flatnonzero(lb > 1.0 + 1e-12)
     if bad.size and not problem.pin_large_clients:
         show = ", ".join(f"{i} (needs q >= {lb[i]:.4g})" for i in bad[:5])
@@ -385,30 +482,39 @@ class _Core:
     gives bit-identical plans instead of plans that differ in the last digits."""
 
     def __init__(self, problem: PlanProblem):
-        k = problem.constants
+        k = problem.model
         self.n = n = problem.num_clients
         self.r = r = problem.rank
         self.alpha = k.alpha / k.beta
         self.gamma = k.gamma / k.beta
         self.delta = k.delta / k.beta
         p = problem.data_share
-        self.p2 = _round_sig(p) ** 2
         c = problem.compute_time_s
         ub = problem.upload_s_hz / problem.bandwidth_hz
         self.scale = float(c.max())  # exact ratio under a change of time unit
         self.c = _round_sig(c / self.scale)
         self.ub = _round_sig(ub / self.scale)
         self.s_grid = np.arange(1, r + 1, dtype=np.float64) / r
+        # X = sum a[i, k_i - 1] / q_i and Y = sum b[i, k_i - 1] / q_i (RoundsModel.tables)
+        weighted = RoundsModel(alpha=k.alpha, beta=k.beta, gamma=k.gamma, delta=k.delta,
+                               client_weight=_round_sig(k.client_weight),
+                               numerator_sketch_exponent=k.numerator_sketch_exponent,
+                               denominator_sketch_exponent=k.denominator_sketch_exponent)
+        self.a_tab, self.b_tab = weighted.tables(_round_sig(p), self.s_grid)
         self.tcp_tab = np.asarray(problem.compute_model.time_s(self.c[:, None], self.s_grid[None, :]),
                                   dtype=np.float64).reshape(n, r)
         self.t_max = float(self.tcp_tab.max())
-        # q_i * s_i >= lbk_i; the 1e-10 margin covers the rounding of p, so that the plan meets
-        # the bound computed from the unrounded inputs
-        self.lbk = n * self.gamma * self.p2 * (1.0 + 1e-10)
+        self.q_floor = np.maximum(problem.min_participation, Q_FLOOR)
+        # Appendix C: q_i >= N gamma b[i, k_i - 1] / beta (every term of gamma Y below beta / N).
+        # lb_raw is the bound itself (the s-step's move test); lb_tab adds a 1e-10 margin that
+        # covers the rounding of p, so that the plan meets the bound computed from the unrounded
+        # inputs, and is relaxed by ``pin``
+        self.lb_raw = n * self.gamma * self.b_tab
+        self.lb_tab = self.lb_raw * (1.0 + 1e-10)
         if problem.pin_large_clients:
             self.pin(np.ones(n))
-        # clients with identical (p, c, t_cm) are interchangeable: moved together in the s-step
-        key = np.stack([p, c, problem.upload_s_hz], axis=1)
+        # clients with identical (p, w, c, t_cm) are interchangeable: moved together in the s-step
+        key = np.stack([p, k.client_weight, c, problem.upload_s_hz, self.q_floor], axis=1)
         _, inv = np.unique(key, axis=0, return_inverse=True)
         self.group = inv.reshape(-1)
         counts = np.bincount(self.group)
@@ -421,21 +527,23 @@ class _Core:
         """Relaxed Appendix C: a client whose bound exceeds q_max_i even at full rank gets
         q_i s_i >= q_max_i, i.e. q_i = q_max_i and s_i = 1. (The s-step's move test uses the
         unrelaxed bound, so a pinned client is never moved off full rank.)"""
-        self.lbk = np.minimum(self.lbk, q_max)
+        shape = self.b_tab / np.where(self.b_tab[:, -1:] > 0, self.b_tab[:, -1:], 1.0)  # b(k) / b(r)
+        self.lb_tab = np.minimum(self.lb_tab, np.asarray(q_max, dtype=np.float64)[:, None] * shape)
 
     def q_lb(self, k: np.ndarray) -> np.ndarray:
-        return np.maximum(self.lbk / self.s_grid[k - 1], Q_FLOOR)
+        return np.maximum(self.lb_tab[np.arange(self.n), k - 1], self.q_floor)
 
     def k_min(self, q: np.ndarray) -> np.ndarray:
-        x = self.r * self.lbk / q
-        return np.clip(np.ceil(x - 1e-9 * np.maximum(1.0, x)), 1, self.r).astype(np.int64)
+        """Smallest rank whose bound q may meet (the bound falls as the rank grows)."""
+        over = self.lb_tab > (np.asarray(q, dtype=np.float64) * (1.0 + 1e-9))[:, None]
+        return np.clip(over.sum(axis=1) + 1, 1, self.r).astype(np.int64)
 
     # -- objective
     def parts(self, q: np.ndarray, k: np.ndarray):
-        s = self.s_grid[k - 1]
-        x = float(np.sum(self.p2 / q))
-        y = float(np.sum(self.p2 / (q * s)))
-        return x, y, s
+        rows = np.arange(self.n)
+        x = float(np.sum(self.a_tab[rows, k - 1] / q))
+        y = float(np.sum(self.b_tab[rows, k - 1] / q))
+        return x, y, self.s_grid[k - 1]
 
     def value(self, q: np.ndarray, k: np.ndarray) -> float:
         x, y, s = self.parts(q, k)
@@ -545,7 +653,7 @@ def _group_moves(core: _Core, cur: "_SState") -> tuple["_SState", bool]:
         for kk in range(1, core.r + 1):
             if kk == cur.k[i0]:
                 continue
-            lo = max(core.lbk[i0] / core.s_grid[kk - 1], Q_FLOOR)
+            lo = max(core.lb_tab[i0, kk - 1], core.q_floor[i0])
             if lo > 1.0:
                 continue
             k2 = cur.k.copy()
@@ -604,9 +712,7 @@ class _SState:
 
     def __init__(self, core: _Core, q: np.ndarray, k: np.ndarray):
         self.q, self.k = q, k
-        s = core.s_grid[k - 1]
-        self.x = float(np.sum(core.p2 / q))
-        self.y = float(np.sum(core.p2 / (q * s)))
+        self.x, self.y, s = core.parts(q, k)
         self.lin = float(np.dot(q, core.ub * s))
         self.st = _TimeState(core.tcp_tab[np.arange(core.n), k - 1], q, core.t_max)
         den = 1.0 - core.gamma * self.y
@@ -619,16 +725,17 @@ def _score_moves(core: _Core, cur: _SState, idx: np.ndarray) -> tuple[np.ndarray
     q_i = cur.q[idx]
     k_i = cur.k[idx]
     s_cur = core.s_grid[k_i - 1]
-    p2 = core.p2[idx]
+    a_cur = core.a_tab[idx, k_i - 1]
+    b_cur = core.b_tab[idx, k_i - 1]
     sn = core.s_grid[None, :]
     ub = core.ub[idx]
     st = cur.st
     e0 = (st.E - q_i * st.grad[idx]) + (cur.lin - q_i * ub * s_cur)  # T with client i absent
     e1 = st.h(idx, core.tcp_tab[idx]) + ub[:, None] * sn  # dT/dq_i at rank k'
-    a_ = (core.alpha + core.delta * (cur.x - p2 / q_i))[:, None]
-    b_ = (core.delta * p2)[:, None]
-    c_ = (1.0 - core.gamma * (cur.y - p2 / (q_i * s_cur)))[:, None]
-    d_ = core.gamma * p2[:, None] / sn
+    a_ = (core.alpha + core.delta * (cur.x - a_cur / q_i))[:, None]
+    b_ = core.delta * core.a_tab[idx]
+    c_ = (1.0 - core.gamma * (cur.y - b_cur / q_i))[:, None]
+    d_ = core.gamma * core.b_tab[idx]
     e0 = np.maximum(e0, 0.0)[:, None]
     aa = a_ * c_ * e1
     bb = 2.0 * a_ * d_ * e1
@@ -636,7 +743,7 @@ def _score_moves(core: _Core, cur: _SState, idx: np.ndarray) -> tuple[np.ndarray
     with np.errstate(divide="ignore", invalid="ignore"):
         root = (bb + np.sqrt(bb * bb + 4.0 * aa * cc)) / (2.0 * aa)
     root = np.where(aa > 0, root, 1.0)
-    lbn = np.maximum(core.n * d_, Q_FLOOR)
+    lbn = np.maximum(core.lb_raw[idx], core.q_floor[idx, None])
     qn = np.clip(root, lbn, 1.0)
     den = c_ - d_ / qn
     ok = (lbn <= 1.0) & (den > 0) & (c_ > 0)
@@ -669,7 +776,8 @@ class _QSolver:
         self.core = core
         n = core.n
         self.q = cp.Variable(n)
-        self.v = cp.Parameter(n, nonneg=True)  # p^2 / s
+        self.a = cp.Parameter(n, nonneg=True)  # X = a @ (1/q) at the current ranks
+        self.v = cp.Parameter(n, nonneg=True)  # Y = v @ (1/q)
         self.lb = cp.Parameter(n)
         self.g = cp.Parameter(n, nonneg=True)
         self.rhs = cp.Parameter()
@@ -678,7 +786,7 @@ class _QSolver:
         z = cp.Variable(n)  # z >= 1/q
         yv = cp.Variable()  # Y = sum (p^2/s) z
         w = cp.Variable(n)  # w >= 1 / (1 - q)
-        num = core.alpha + core.delta * (core.p2 @ z)
+        num = core.alpha + core.delta * (self.a @ z)
         obj = self.lam * num + self.ilam * cp.inv_pos(1.0 - core.gamma * yv)
         cons = [z >= cp.inv_pos(self.q), yv >= self.v @ z, w >= cp.inv_pos(1.0 - self.q),
                 self.q >= self.lb, self.q <= 1.0 - 1e-6, self.g @ w <= self.rhs]
@@ -715,11 +823,13 @@ class _QSolver:
         if not hi > lo:
             return [], []
         ms = np.geomspace(lo, hi, points)
-        self.v.value = core.p2 / s
+        rows = np.arange(core.n)
+        self.a.value = core.a_tab[rows, k - 1]
+        self.v.value = core.b_tab[rows, k - 1]
         self.lb.value = np.minimum(lb, 1.0 - 1e-6)
         self.g.value = h
         out, used = [], []
-        lam = _lam(core, q0, s)
+        lam = _lam(core, q0, k)
         for m in ms:  # ascending; lambda continues from the previous solution
             self.rhs.value = float(m - base)
             self.lam.value = lam
@@ -728,15 +838,16 @@ class _QSolver:
             if sol is None:
                 continue
             q = np.clip(sol, lb, 1.0)
-            lam = _lam(core, q, s)
+            lam = _lam(core, q, k)
             out.append(core.symmetrize(q))
             used.append(float(m))
         return out, used
 
 
-def _lam(core: _Core, q: np.ndarray, s: np.ndarray) -> float:
-    num = core.alpha + core.delta * float(np.sum(core.p2 / q))
-    den = 1.0 - core.gamma * float(np.sum(core.p2 / (q * s)))
+def _lam(core: _Core, q: np.ndarray, k: np.ndarray) -> float:
+    x, y, _ = core.parts(q, k)
+    num = core.alpha + core.delta * x
+    den = 1.0 - core.gamma * y
     if not den > 0:
         den = 1e-12
     return 1.0 / math.sqrt(num * den)
@@ -744,17 +855,18 @@ def _lam(core: _Core, q: np.ndarray, s: np.ndarray) -> float:
 
 def _polish(core: _Core, q0: np.ndarray, k: np.ndarray, lb: np.ndarray, maxiter: int = 300) -> np.ndarray:
     """L-BFGS-B on log F(q) with k fixed, bounds lb <= q <= 1, analytic gradient:
-    d log R / dq_i = -(delta p_i^2/q_i^2)/N_R - (gamma p_i^2/(q_i^2 s_i))/D_R,
+    d log R / dq_i = -(delta a_i/q_i^2)/N_R - (gamma b_i/(q_i^2))/D_R (X = sum a/q, Y = sum b/q),
     d log T / dq_i = (dE/dq_i + a_i) / T with dE/dq_i = int_0^{t_i} G_{-i} (multilinear E)."""
     s = core.s_grid[k - 1]
     t = core.tcp_tab[np.arange(core.n), k - 1]
     a = core.ub * s
-    p2 = core.p2
-    wy = p2 / s
+    rows = np.arange(core.n)
+    wx = core.a_tab[rows, k - 1]
+    wy = core.b_tab[rows, k - 1]
 
     def fun(q):
         q = np.asarray(q, dtype=np.float64)
-        x = float(np.sum(p2 / q))
+        x = float(np.sum(wx / q))
         y = float(np.sum(wy / q))
         num = core.alpha + core.delta * x
         den = 1.0 - core.gamma * y
@@ -763,7 +875,7 @@ def _polish(core: _Core, q0: np.ndarray, k: np.ndarray, lb: np.ndarray, maxiter:
         st = _TimeState(t, q, core.t_max)
         tt = st.E + float(np.dot(q, a))
         iq2 = 1.0 / (q * q)
-        g = -core.delta * p2 * iq2 / num - core.gamma * wy * iq2 / den + (st.grad + a) / tt
+        g = -core.delta * wx * iq2 / num - core.gamma * wy * iq2 / den + (st.grad + a) / tt
         return math.log(num) - math.log(den) + math.log(tt), g
 
     def fun_log(xv):
@@ -941,7 +1053,7 @@ def plan_ranks(problem: PlanProblem, participation_prob) -> Plan:
 def _make_plan(problem: PlanProblem, core: _Core, q: np.ndarray, k: np.ndarray, iterations: int) -> Plan:
     it = iterations
     s = core.s_grid[k - 1]
-    rf = rounds_factor(q, s, problem.data_share, problem.constants)
+    rf = problem.rounds_factor(q, s)
     tb = round_time_bound_s(problem.compute_s(s), problem.upload_s_hz_at(s), q, problem.bandwidth_hz)
     q_out = q.copy()
     k_out = k.astype(np.int64).copy()
@@ -1057,10 +1169,14 @@ def fit_constants_constrained(pilots: Sequence[PilotObservation], data_share, *,
     Minimizes sum_k ((alpha + delta X_k) / R_k + gamma Y_k - 1)^2, the pilots' equations
     of estimate_constants divided by R_k (a relative residual), over alpha, gamma, delta >=
     floor, with gamma Y_k <= 1 - margin so the model predicts finite rounds at every pilot.
-    A convex QP (cvxpy). For pilots that fit the model it returns the SVD estimate; where
-    the pilots contradict it (a constant would be negative), the closest positive model.
+    Linear least squares in (alpha, gamma, delta) with box bounds, solved exactly by
+    scipy.optimize.lsq_linear (a general QP solver stopped short on ordinary inputs). For
+    pilots that fit the model it returns the SVD estimate; where the pilots contradict it
+    (a constant would be negative), the closest positive model.
     Returns (constants, rms relative residual).
     """
+    from scipy.optimize import lsq_linear
+
     pilots = list(pilots)
     if len(pilots) < 3:
         raise ConstantEstimationError(f"need at least 3 pilot runs to fit 3 free constants, got {len(pilots)}")
@@ -1069,13 +1185,14 @@ def fit_constants_constrained(pilots: Sequence[PilotObservation], data_share, *,
     x = np.array([p2 / o.participation_prob for o in pilots])
     y = np.array([p2 / (o.participation_prob * o.sketch_ratio) for o in pilots])
     r = np.array([float(o.rounds) for o in pilots])
-    theta = cp.Variable(3)  # alpha, gamma, delta
-    resid = theta[0] / r + cp.multiply(theta[2], x / r) + theta[1] * y - 1.0
-    prob = cp.Problem(cp.Minimize(cp.sum_squares(resid)),
-                      [theta >= floor, theta[1] * float(np.max(y)) <= 1.0 - margin])
-    prob.solve(solver=cp.CLARABEL)
-    if prob.status not in ("optimal", "optimal_inaccurate") or theta.value is None:
-        raise ConstantEstimationError(f"constrained fit of the pilot rounds failed ({prob.status})")
-    a, g, d = (max(float(v), floor) for v in theta.value)
+    design = np.column_stack([1.0 / r, y, x / r])  # columns: alpha, gamma, delta
+    g_max = (1.0 - margin) / float(np.max(y))
+    if not g_max >= floor:
+        raise ConstantEstimationError(f"pilot Y up to {np.max(y):.4g}: no gamma >= {floor} keeps the rounds finite")
+    res = lsq_linear(design, np.ones(len(pilots)), bounds=([floor, floor, floor], [np.inf, g_max, np.inf]),
+                     method="bvls")
+    if not res.success:
+        raise ConstantEstimationError(f"constrained fit of the pilot rounds failed ({res.message})")
+    a, g, d = (float(v) for v in res.x)
     rms = float(np.sqrt(np.mean(((a + d * x) / r + g * y - 1.0) ** 2)))
     return BoundConstants(alpha=a, beta=1.0, gamma=g, delta=d), rms
