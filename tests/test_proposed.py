@@ -1,4 +1,5 @@
-"""The proposed method end to end: plan command, planned run, pilot constant estimation."""
+"""The proposed method end to end: plan command, planned run (online and from constants),
+re-planning between rounds, resume, pilot constant estimation."""
 
 import json
 import os
@@ -30,7 +31,7 @@ def test_run_plans_then_trains_with_the_plan(setup, tmp_path):
     simulate.run(setup.cfg, out, setup=setup, progress=False)
     written = json.loads((out / "plan.json").read_text())
     ctx = setup.method_context()
-    expected = plan(plan_problem(ctx))
+    expected = plan(plan_problem(ctx, ctx.constants))
     assert written["constants"] == {"alpha": 2.0, "beta": 1.0, "gamma": 0.05, "delta": 0.5}
     assert np.allclose(written["participation_prob"], expected.participation_prob)
     assert written["ranks"] == expected.ranks.tolist()
@@ -47,12 +48,12 @@ def test_ablations_plan_one_half_each(setup):
     q_only = get_method("proposed_q")(ctx)
     q, s = q_only.choose_q_s()
     assert np.all(s == 1.0)
-    np.testing.assert_array_equal(q, plan_participation(plan_problem(ctx)).participation_prob)
+    np.testing.assert_array_equal(q, plan_participation(plan_problem(ctx, ctx.constants)).participation_prob)
     s_only = get_method("proposed_s")(ctx)
     q, s = s_only.choose_q_s()
     fixed = float(setup.cfg.sampling.participation_prob)
     assert np.all(q == fixed)
-    np.testing.assert_array_equal(s, plan_ranks(plan_problem(ctx), np.full(len(q), fixed)).sketch_ratio)
+    np.testing.assert_array_equal(s, plan_ranks(plan_problem(ctx, ctx.constants), np.full(len(q), fixed)).sketch_ratio)
 
 
 def test_relaxed_methods_plan_where_the_seeds_planner_refuses(setup):
@@ -68,10 +69,11 @@ def test_relaxed_methods_plan_where_the_seeds_planner_refuses(setup):
             get_method(name)(ctx).choose_q_s()
     q, s = get_method("proposed_relaxed")(ctx).choose_q_s()
     assert q[big] == 1.0 and s[big] == 1.0
-    np.testing.assert_array_equal(q, plan(plan_problem(ctx, pin_large_clients=True)).participation_prob)
+    np.testing.assert_array_equal(q, plan(plan_problem(ctx, ctx.constants, pin_large_clients=True)).participation_prob)
     q, s = get_method("proposed_s_relaxed")(ctx).choose_q_s()
     assert np.all(q == fixed) and s[big] == 1.0
-    np.testing.assert_array_equal(s, plan_ranks(plan_problem(ctx, True), np.full(n, fixed)).sketch_ratio)
+    np.testing.assert_array_equal(s, plan_ranks(plan_problem(ctx, ctx.constants, pin_large_clients=True),
+                                                np.full(n, fixed)).sketch_ratio)
 
 
 def test_plan_command_json(tmp_path):
@@ -91,15 +93,101 @@ def test_plan_command_json(tmp_path):
     assert np.all(q >= len(p) * c["gamma"] * p ** 2 / (c["beta"] * k / 4) - 1e-9)  # Appendix C bound
 
 
-def test_proposed_without_constants_is_bad_input(tmp_path):
-    cfg = load_config(SMOKE, ["method=proposed"])
-    with pytest.raises(InputError, match="planner.constants"):
-        simulate.run(cfg, tmp_path / "x", progress=False)
-    assert not (tmp_path / "x").exists()
-    cfg = load_config(SMOKE, ["method=proposed", "planner.pilot=true"])
-    with pytest.raises(InputError, match="target_loss or target_accuracy"):
-        simulate.run(cfg, tmp_path / "x", progress=False)
-    assert not (tmp_path / "x").exists()
+def test_pilots_without_a_target_are_bad_input(tmp_path):
+    for switch in ("planner.constants=pilots", "planner.pilot=true"):  # the second: older configs
+        cfg = load_config(SMOKE, ["method=proposed", switch])
+        with pytest.raises(InputError, match="target_loss or target_accuracy"):
+            simulate.run(cfg, tmp_path / "x", progress=False)
+        assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def online_setup():
+    """proposed on the smoke config with no planner keys (online planning), re-planning every round."""
+    return simulate.build_setup(load_config(SMOKE, ["method=proposed", "train.rounds=4",
+                                                   "planner.online.replan_every=1"]))
+
+
+def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tmp_path, monkeypatch):
+    """No planner keys: the run plans from round 1, re-plans every round from what it measured,
+    charges each plan on the clock, and a run killed in round 3 resumes to the same numbers."""
+    cfg = online_setup.cfg
+    full = tmp_path / "full"
+    result = simulate.run(cfg, full, setup=online_setup, progress=False)
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    plans = [r["plan"] for r in rows[1:] if "plan" in r]
+    assert [p["round"] for p in plans] == [1, 2, 3, 4]
+    assert len({tuple(p["participation_prob"]) for p in plans}) > 1  # the measurements moved the plan
+    floor = cfg.planner.online.min_participation
+    for r in rows[1:]:
+        assert r["planning_time_s"] == cfg.planner.plan_time_s
+        assert r["server_time_s"] == pytest.approx(cfg.planner.plan_time_s)
+        q = np.array(r["plan"]["participation_prob"])
+        assert np.all(q >= floor * (1 - 1e-12)) and np.all(q <= 1)
+    assert result["planning_time_s"] == pytest.approx(4 * cfg.planner.plan_time_s)
+    assert result["pre_run_planning_s"] == 0.0
+    written = json.loads((full / "plan.json").read_text())
+    assert written["constants"] == "online" and written["participation_prob"] == plans[-1]["participation_prob"]
+    assert [h["round"] for h in written["online"]["plans"]] == [1, 2, 3, 4]
+
+    killed = tmp_path / "killed"
+    real = simulate.client_batches
+
+    def crash_in_round_3(s, client, round_idx):
+        if round_idx == 3:
+            raise KeyboardInterrupt("killed")
+        return real(s, client, round_idx)
+
+    monkeypatch.setattr(simulate, "client_batches", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        simulate.run(cfg, killed, setup=online_setup, progress=False)
+    monkeypatch.setattr(simulate, "client_batches", real)
+    simulate.run(cfg, killed, setup=online_setup, progress=False, resume=True)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in rs]  # noqa: E731
+    assert strip([json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]) == strip(rows)
+    assert json.loads((killed / "plan.json").read_text()) == written
+
+
+def test_replanning_keeps_every_round_unbiased(online_setup):
+    """Fixed synthetic client updates, a re-plan before every round (q changes from round to
+    round): the mean aggregated update over many rounds is sum_i p_i Delta_i, i.e. each round's
+    weights p_i / q_i are those its sampling used (a re-plan between sampling and aggregation
+    would bias it)."""
+    import torch
+
+    ctx = online_setup.method_context()
+    method = get_method("proposed")(ctx)
+    state = online_setup.engine.init_state(0)
+    gen = torch.Generator().manual_seed(0)
+    delta = [{n: (torch.randn(a.shape, generator=gen, dtype=torch.float64),
+                  torch.randn(b.shape, generator=gen, dtype=torch.float64)) for n, (a, b) in state.items()}
+             for _ in range(ctx.num_clients)]
+    state = {n: (a.double() * 0, b.double() * 0) for n, (a, b) in state.items()}
+    r = ctx.rank
+    total = {n: (torch.zeros_like(a), torch.zeros_like(b)) for n, (a, b) in state.items()}
+    qs, rounds = set(), 3000
+    for t in range(1, rounds + 1):
+        rc = method.configure_round(t, state)
+        qs.add(tuple(np.round(method.participation_prob, 9)))
+        jobs = {j.client_id: j for j in rc.jobs}
+        payloads = {}
+        for i, job in jobs.items():  # the ideal sketch: kept ranks scaled by r / k
+            idx = torch.as_tensor(job.rank_indices)
+            k = len(job.rank_indices)
+            payloads[i] = {}
+            for n, (a, b) in delta[i].items():
+                payloads[i][f"{n}.A"] = a[idx] * r / k
+                payloads[i][f"{n}.B"] = b[:, idx] * r / k
+        new = method.aggregate(t, state, jobs, payloads)
+        for n in total:
+            total[n] = (total[n][0] + new[n][0] - state[n][0], total[n][1] + new[n][1] - state[n][1])
+    assert len(qs) > 5  # q really changed between rounds
+    p = torch.as_tensor(ctx.data_share)
+    for n in total:
+        for j in (0, 1):
+            expect = sum(p[i] * delta[i][n][j] for i in range(ctx.num_clients))
+            got = total[n][j] / rounds
+            assert float((got - expect).norm() / expect.norm()) < 0.1
 
 
 def test_pilot_wiring_recovers_constants(setup, tmp_path, monkeypatch):

@@ -201,9 +201,30 @@ def test_same_method_two_configs_gets_two_groups(tmp_path):
 
 def _set_planner(path: Path, constants: dict | None, pilot: bool):
     cfg = load_config(path / "config.yaml")
-    cfg.planner.constants = constants
-    cfg.planner.pilot = {"settings": [[1.0, 1.0], [0.5, 0.5]]} if pilot else False
+    cfg.planner.constants = {**constants, "source": "pilots" if pilot else "given"}
     (path / "config.yaml").write_text(dump_config(cfg))
+
+
+def test_times_count_planning_before_the_run_and_the_training_clock_apart(tmp_path):
+    """A run whose constants cost 100 s of pilots: its time to target is 100 s + its clock
+    (what a user waits for), the training-only time is its clock; the speedup uses the first."""
+    write_run(tmp_path / "plain" / "seed0", ROWS, method="manual", seed=0)
+    planned = write_run(tmp_path / "planned" / "seed0", ROWS, method="proposed", seed=0)
+    cfg = load_config(planned / "config.yaml")
+    cfg.planner.constants = {"alpha": 1.0, "beta": 1.0, "gamma": 0.1, "delta": 1.0, "planning_time_s": 100.0,
+                             "source": "pilots"}
+    (planned / "config.yaml").write_text(dump_config(cfg))
+    runs = [rp.load_run(p) for p in rp.find_runs([tmp_path])]
+    summary = rp.summarize(runs, target=0.6, focus="manual")
+    reach = rp.time_to_target(ROWS, 0.6)
+    m = summary["methods"]
+    assert m["manual"]["time_to_target_s"]["mean"]["mean"] == pytest.approx(reach)
+    assert m["proposed"]["time_to_target_s"]["mean"]["mean"] == pytest.approx(100.0 + reach)
+    assert m["proposed"]["training_time_to_target_s"]["mean"]["mean"] == pytest.approx(reach)
+    assert m["proposed"]["planning_time_s"]["mean"] == pytest.approx(100.0)
+    assert summary["focus"]["speedup_over"]["proposed"]["mean"]["value"] == pytest.approx((100.0 + reach) / reach)
+    md = rp.render_markdown(summary)
+    assert "planning (s)" in md and "run's own clock" in md
 
 
 def test_pilot_estimated_constants_do_not_split_seeds_but_hand_set_ones_do(tmp_path):

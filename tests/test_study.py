@@ -174,9 +174,11 @@ def test_constants_from_pilot_folders_recover_the_model(tmp_path):
         run.mkdir(parents=True)
         (run / "config.yaml").write_text(dump_config(pilot_run_config(cfg, q, s, pc)))
         rounds = rounds_factor(np.full(4, q), np.full(4, s), share, truth)
-        (run / "result.json").write_text(json.dumps({"stop_reason": "stop_when", "rounds": rounds}))
+        (run / "result.json").write_text(json.dumps({"stop_reason": "stop_when", "rounds": rounds,
+                                                     "sim_time_s": 10.0 * (k + 1)}))
         (run / "clients.json").write_text(json.dumps([{"id": i, "data_share": float(p)} for i, p in enumerate(share)]))
-    report = _constants(Setting("k", cfg, folder), 0, {"pilot_loss": 1.0})
+    report = _constants(Setting("k", cfg, folder), 0, {"pilot_loss": 1.0, "reference_sim_time_s": 500.0})
+    assert report["planning_time_s"] == pytest.approx(10 + 20 + 30 + 40 + 500.0)  # the pilots and the reference
     got = report["constants"]
     want = np.array([truth.alpha, truth.beta, truth.gamma, truth.delta]) / truth.beta
     np.testing.assert_allclose([got[n] / got["beta"] for n in ("alpha", "beta", "gamma", "delta")], want, rtol=1e-6)
@@ -186,7 +188,7 @@ def test_constants_from_pilot_folders_recover_the_model(tmp_path):
     (folder / "pilot" / "seed0" / "0_q1_s1" / "result.json").write_text(
         json.dumps({"stop_reason": "max_rounds", "rounds": 100}))
     with pytest.raises(InputError, match="did not reach the pilot loss"):
-        _constants(Setting("k", cfg, folder), 0, {"pilot_loss": 1.0})
+        _constants(Setting("k", cfg, folder), 0, {"pilot_loss": 1.0, "reference_sim_time_s": 500.0})
 
 
 _ORPHAN_SCRIPT = """

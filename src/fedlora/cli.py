@@ -78,9 +78,10 @@ def _print_result(result: dict, out: Path) -> None:
 @user_errors
 def plan(config: Path = typer.Argument(..., help="YAML run config"),
          as_json: bool = typer.Option(False, "--json", help="print plan.json fields plus `clients`"),
-         out: Optional[Path] = typer.Option(None, "-o", "--out", help="where pilot runs go (planner.pilot)"),
+         out: Optional[Path] = typer.Option(None, "-o", "--out", help="where pilot runs go (planner.constants: pilots)"),
          overrides: Optional[list[str]] = OverridesArg):
-    """Plan q_i and ranks k_i for every client (Algorithm 2) and print them."""
+    """The plan a `proposed` run starts with: q_i and ranks k_i for every client (Algorithm 2).
+    With online planning (the default) that is the warm-up; the run refines it as it learns."""
     cfg = load_config(config, overrides or [])
     cfg.method = "proposed"
     from .pilot import check_planner_inputs
@@ -93,13 +94,13 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
 
     setup = build_setup(cfg)
     ctx = setup.method_context()
-    ctx.constants = resolve_constants(cfg, out or Path("runs") / f"{config.stem}-plan", setup=setup,
-                                      progress=not as_json)
+    ctx.constants, pre_run_s = resolve_constants(cfg, out or Path("runs") / f"{config.stem}-plan", setup=setup,
+                                                 progress=not as_json)
     method = Proposed(ctx)
     result = method.plan()
     clients = clients_json(setup)
     if as_json:
-        typer.echo(json.dumps({**result, "clients": clients}, indent=1))
+        typer.echo(json.dumps({**result, "clients": clients, "pre_run_planning_s": pre_run_s}, indent=1))
         return
     from rich.console import Console
     from rich.table import Table
@@ -113,8 +114,19 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
     console = Console()
     console.print(table)
     console.print(f"expected participants {result['expected_participants']:.2f}  "
-                  f"expected round time (Theorem-2 bound) {result['expected_round_time_s']:.3f} s  "
-                  f"objective {result['objective']:.4g}  constants {result['constants']}")
+                  f"expected round time (Theorem-2 bound) {result['expected_round_time_s']:.3f} s")
+    if method.online:
+        oc = cfg.planner.online
+        start = (f"rounds 1-{oc.warmup_rounds} run this warm-up (every client, full rank)" if oc.warmup_rounds else
+                 "round 1 runs this plan, made before any update was seen (each client's update taken as "
+                 "orthogonal to the others')")
+        console.print(f"online planning: {start}; from then on the plan is computed from the update energies the "
+                      f"server measures and refined every {oc.replan_every} rounds or when its predicted rounds move "
+                      f"by {oc.replan_tolerance:.0%} (q >= {oc.min_participation:g} for every client); each plan "
+                      f"charges {cfg.planner.plan_time_s:g} s of server time")
+    else:
+        console.print(f"objective {result['objective']:.4g}  constants {result['constants']}  "
+                      f"planning before round 1: {pre_run_s:.1f} simulated s")
 
 
 @app.command()

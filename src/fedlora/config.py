@@ -195,11 +195,46 @@ class ConstantsConfig(_Strict):
     beta: float = Field(gt=0)
     gamma: float = Field(gt=0)
     delta: float = Field(gt=0)
+    # simulated seconds it took to obtain these numbers (pilot runs and the reference run that
+    # set their stopping loss, as `fedlora study` records them): counted as planning time
+    planning_time_s: float = Field(0.0, ge=0)
+    source: Literal["given", "pilots"] = "given"  # pilots: estimated from this seed's pilot runs (fedlora study)
+
+
+class OnlineConfig(_Strict):
+    """Online planning (docs/theory.md section 8): the run learns its rounds model from its own
+    updates and re-plans between rounds."""
+
+    warmup_rounds: int = Field(0, ge=0)  # rounds at q = 1, full rank (the fixed q for proposed_s) before the first plan
+    replan_every: int = Field(5, ge=1)  # rounds between re-plans ...
+    replan_tolerance: float = Field(0.25, gt=0)  # ... or sooner, when the plan's predicted rounds moved by this fraction
+    min_participation: float = Field(0.05, gt=0, le=1)  # exploration floor on every q_i
+    sketch_exponent: float = Field(1.0, ge=0)  # theta: a rank-k sketch costs (r/k)^theta in variance (1: the seed's)
+    smoothing: float = Field(0.3, gt=0, le=1)  # weight of the newest round in the estimates' moving averages
 
 
 class PlannerConfig(_Strict):
-    constants: ConstantsConfig | None = None
-    pilot: bool | PilotConfig = False
+    # where the rounds model comes from: learnt online from the run (default), fitted to pilot
+    # runs (planner.pilot) before the run, or given numbers
+    constants: Literal["online", "pilots"] | ConstantsConfig = "online"
+    pilot: PilotConfig = PilotConfig()
+    online: OnlineConfig = OnlineConfig()
+    # server seconds charged on the simulated clock for each planner call (Algorithm 2): the
+    # clock stays reproducible, so it charges this stated cost rather than the measured CPU time
+    # (bench/planner_speed.py: under 0.5 s at N = 50 on a 2-core CPU)
+    plan_time_s: float = Field(0.5, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_pilot_switch(cls, v):
+        """`pilot: true` (older configs) means constants from pilots; `pilot: false` the default."""
+        if isinstance(v, dict) and isinstance(v.get("pilot"), bool):
+            v = dict(v)
+            if v.pop("pilot") and v.get("constants") in (None, "online"):
+                v["constants"] = "pilots"
+        if isinstance(v, dict) and v.get("constants", "online") is None:
+            v = {**v, "constants": "online"}
+        return v
 
 
 class MethodOptions(_Strict):

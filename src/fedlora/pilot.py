@@ -1,18 +1,20 @@
-"""Pilot runs that estimate the bound constants (alpha, beta, gamma, delta) (method.md section 6).
+"""Pilot runs that estimate the bound constants (alpha, beta, gamma, delta) (docs/theory.md section 5).
 
-Each pilot is a real, short run of Algorithm 1 (method `manual`) with one uniform (q, s) for
-every client, stopped at a pilot loss or accuracy; the rounds it took, with X = sum p^2/q
-and Y = sum p^2/(q s), give one row of the seed's 4x4 system, solved by SVD in
-`planner.estimate_constants`. Pilot folders are ordinary run folders (resumable; finished
-ones are reused).
+`planner.constants: pilots`. Each pilot is a real, short run of Algorithm 1 (method `manual`)
+with one uniform (q, s) for every client, stopped at a pilot loss or accuracy; the rounds it
+took, with X = sum p^2/q and Y = sum p^2/(q s), give one row of the seed's 4x4 system, solved
+by SVD in `planner.estimate_constants`. Pilot folders are ordinary run folders (resumable;
+finished ones are reused). constants.json records the config it belongs to (a hash) and the
+pilots' simulated time, which a planned run counts as planning time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from .config import InputError, PilotConfig, RunConfig
+from .config import ConstantsConfig, InputError, PilotConfig, RunConfig, dump_config
 from .planner import (BoundConstants, ConstantEstimationError, PilotObservation, estimate_constants,
                       fit_constants_constrained, rounds_factor)
 
@@ -20,8 +22,17 @@ LOSS_WINDOW = 3  # rounds averaged before comparing train loss with the pilot ta
 
 
 def pilot_config(cfg: RunConfig) -> PilotConfig:
-    pc = cfg.planner.pilot
-    return pc if isinstance(pc, PilotConfig) else PilotConfig()
+    return cfg.planner.pilot
+
+
+def pilot_key(cfg: RunConfig) -> str:
+    """What a pilot folder belongs to: the config without the planned method's own knobs
+    (method, targets, time cap, planner switch)."""
+    c = cfg.model_copy(deep=True)
+    c.method = "manual"
+    c.train.target_accuracy, c.train.max_sim_time_s = None, None
+    c.planner.constants = "pilots"
+    return hashlib.sha256(dump_config(c).encode()).hexdigest()[:12]
 
 
 def loss_key(rows: list[dict]) -> str:
@@ -38,12 +49,10 @@ def loss_reached(rows: list[dict], target_loss: float) -> bool:
 
 
 def check_planner_inputs(cfg: RunConfig) -> None:
-    """Cheap checks before anything is written: constants given, or a usable pilot setup."""
-    if cfg.planner.constants is not None:
+    """Cheap checks before anything is written: with `planner.constants: pilots`, a usable
+    pilot setup (online planning and given numbers need nothing)."""
+    if cfg.planner.constants != "pilots":
         return
-    if not cfg.planner.pilot:
-        raise InputError("method 'proposed' needs planner.constants {alpha, beta, gamma, delta} "
-                         "or planner.pilot: true (with a pilot target) to estimate them")
     pc = pilot_config(cfg)
     if pc.target_loss is None and pc.target_accuracy is None:
         raise InputError("planner.pilot: give target_loss or target_accuracy (the pilot runs stop there)")
@@ -60,8 +69,7 @@ def pilot_run_config(cfg: RunConfig, q: float, s: float, pc: PilotConfig) -> Run
     pcfg.train.rounds = pc.max_rounds
     pcfg.train.target_accuracy = pc.target_accuracy
     pcfg.train.max_sim_time_s = None
-    pcfg.planner.pilot = False
-    pcfg.planner.constants = None
+    pcfg.planner.constants = "online"  # unused by `manual`; keeps the pilot configs free of the switch
     pcfg.eval.probe_examples = pc.probe_examples
     if pc.target_accuracy is None:  # stopped by loss: periodic evaluations would only cost time
         pcfg.eval.every, pcfg.eval.every_s = pc.max_rounds, None
@@ -74,10 +82,7 @@ def run_pilots(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True, 
     from . import simulate
 
     pc = pilot_config(cfg)
-    if not cfg.planner.pilot:
-        cfg = cfg.model_copy(deep=True)
-        cfg.planner.pilot = pc
-    check_planner_inputs(cfg.model_copy(update={"planner": cfg.planner.model_copy(update={"constants": None})}))
+    check_planner_inputs(cfg.model_copy(update={"planner": cfg.planner.model_copy(update={"constants": "pilots"})}))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     setup = setup or simulate.build_setup(cfg)
@@ -94,9 +99,14 @@ def run_pilots(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True, 
                              f"{pc.max_rounds} rounds (planner.pilot.max_rounds); raise it or ease the target")
         observations.append(PilotObservation(participation_prob=float(q), sketch_ratio=float(s),
                                              rounds=float(result["rounds"])))
-        runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": result["rounds"], "folder": str(folder)})
+        runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": result["rounds"], "folder": str(folder),
+                     "sim_time_s": result["sim_time_s"]})
     report = constants_report(observations, setup.data_share, runs, "planner.pilot", fit=pc.fit)
-    (out / "constants.json").write_text(json.dumps(report, indent=1))
+    report["config_key"] = pilot_key(cfg)
+    report["planning_time_s"] = float(sum(r["sim_time_s"] for r in runs))
+    from .simulate import write_atomic
+
+    write_atomic(out / "constants.json", json.dumps(report, indent=1))
     return report
 
 
@@ -132,14 +142,25 @@ def constants_report(observations: list[PilotObservation], data_share, runs: lis
     return {"constants": consts.to_dict(), **report, "pilots": runs}
 
 
-def resolve_constants(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True) -> BoundConstants:
-    """Constants from planner.constants, or from pilot runs in out/pilot when planner.pilot is on."""
+def resolve_constants(cfg: RunConfig, out: Path, *, setup=None,
+                      progress: bool = True) -> tuple[BoundConstants | None, float]:
+    """(constants, planning time in simulated seconds spent to get them) before a run:
+    (None, 0) for online planning; the given numbers and their recorded cost; or the
+    constants of pilot runs in out/pilot (run now, or reused when constants.json belongs to
+    this config; one that belongs to another config is refused)."""
     check_planner_inputs(cfg)
-    if cfg.planner.constants is not None:
-        from .simulate import constants_from_config
-
-        return constants_from_config(cfg)
+    given = cfg.planner.constants
+    if given == "online":
+        return None, 0.0
+    if isinstance(given, ConstantsConfig):
+        return BoundConstants(alpha=given.alpha, beta=given.beta, gamma=given.gamma, delta=given.delta), \
+            given.planning_time_s
     saved = Path(out) / "pilot" / "constants.json"
-    report = json.loads(saved.read_text()) if saved.exists() else \
-        run_pilots(cfg, Path(out) / "pilot", setup=setup, progress=progress)
-    return BoundConstants(**report["constants"])
+    if saved.exists():
+        report = json.loads(saved.read_text())
+        if report.get("config_key") != pilot_key(cfg):
+            raise InputError(f"{saved}: pilot constants of another config (key {report.get('config_key')}, this "
+                             f"config {pilot_key(cfg)}); remove {saved.parent} to run new pilots or use another -o")
+    else:
+        report = run_pilots(cfg, Path(out) / "pilot", setup=setup, progress=progress)
+    return BoundConstants(**report["constants"]), float(report["planning_time_s"])

@@ -942,7 +942,8 @@ def _initial_q(core: _Core, k: np.ndarray) -> np.ndarray:
     return best[1]
 
 
-def plan(problem: PlanProblem, *, max_iters: int = 20, grid_points: int = 10) -> Plan:
+def plan(problem: PlanProblem, *, max_iters: int = 20, grid_points: int = 10,
+         start: tuple[np.ndarray, np.ndarray] | None = None) -> Plan:
     """Algorithm 2 (method.md section 7): alternating minimisation of P2. Deterministic.
 
     Start at s = 1 (k = r) and q = the best uniform q. Then
@@ -958,8 +959,10 @@ def plan(problem: PlanProblem, *, max_iters: int = 20, grid_points: int = 10) ->
 
     ``grid_points=0`` skips the cvxpy surrogate (q-steps are then the L-BFGS-B polish
     alone); on 95 random instances (N = 3..50) this gave the same objectives, about 9x
-    faster (35x at N = 1000); see docs/theory.md. Raises InfeasiblePlan when P2 has no
-    feasible point.
+    faster (35x at N = 1000); see docs/theory.md. ``start=(q, ranks)`` (a warm start, e.g.
+    the previous plan of online re-planning) replaces the initial point: the ranks are kept
+    (raised to their Appendix-C minimum) and q is clipped to its bounds, then the same
+    alternation runs. Raises InfeasiblePlan when P2 has no feasible point.
     """
     if isinstance(max_iters, bool) or int(max_iters) != max_iters or int(max_iters) < 1:
         raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}")
@@ -968,7 +971,7 @@ def plan(problem: PlanProblem, *, max_iters: int = 20, grid_points: int = 10) ->
         raise ValueError(f"grid_points must be 0 (no surrogate) or an integer >= 2, got {grid_points!r}")
     check_feasible(problem)
     with _single_thread_blas():
-        return _plan(problem, int(max_iters), int(grid_points))
+        return _plan(problem, int(max_iters), int(grid_points), start)
 
 
 def _single_thread_blas():
@@ -982,11 +985,17 @@ def _single_thread_blas():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _plan(problem: PlanProblem, max_iters: int, grid_points: int) -> Plan:
+def _plan(problem: PlanProblem, max_iters: int, grid_points: int, start=None) -> Plan:
     core = _Core(problem)
     solver = _QSolver(core) if grid_points else None
-    k = np.full(core.n, core.r, dtype=np.int64)
-    q = _q_step(core, solver, _initial_q(core, k), k, grid_points)
+    if start is None:
+        k = np.full(core.n, core.r, dtype=np.int64)
+        q0 = _initial_q(core, k)
+    else:
+        q0 = _check_q(start[0], core.n)
+        k = np.clip(np.asarray(start[1], dtype=np.int64), 1, core.r)
+        k = np.maximum(k, core.k_min(q0))
+    q = _q_step(core, solver, q0, k, grid_points)
     f = core.value(q, k)
     it = 0
     for it in range(1, int(max_iters) + 1):

@@ -99,6 +99,20 @@ class Run:
     def stop_reason(self) -> str:
         return str(self.result.get("stop_reason")) if self.result else "unfinished"
 
+    @property
+    def pre_run_planning_s(self) -> float:
+        """Simulated seconds of planning before round 1 (pilot runs): result.json's, else the
+        cost recorded with planner constants in the config (an unfinished run), else 0."""
+        if self.result and _number(self.result.get("pre_run_planning_s")):
+            return float(self.result["pre_run_planning_s"])
+        constants = ((self.config.get("planner") or {}).get("constants"))
+        return float(constants.get("planning_time_s") or 0.0) if isinstance(constants, dict) else 0.0
+
+    @property
+    def planning_time_s(self) -> float:
+        """All planning: before round 1 plus what the planner charged on the run's clock."""
+        return self.pre_run_planning_s + float(sum(r.get("planning_time_s") or 0.0 for r in self.rows))
+
 
 def is_run_folder(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
@@ -285,14 +299,18 @@ def time_to_target(rows: Sequence[dict], target, task: str | None = None) -> flo
 
 
 def times_to_target(run: Run, keys: dict[str, Any]) -> dict[str, dict]:
-    """Per key: {'time_s', 'round', 'upload_bytes'} at the first reaching evaluation (None if never)."""
+    """Per key, at the first reaching evaluation (None if never): 'time_s' = what a user waits
+    for (planning before round 1 + the run's clock, which holds the in-run planning),
+    'training_time_s' = the run's clock alone, 'round', 'upload_bytes'."""
     out = {}
+    pre = run.pre_run_planning_s
     for key, tgt in keys.items():
         i = first_reaching(run.rows, tgt, None if key in (MEAN, ALL) else key)
         if i is None:
-            out[key] = {"time_s": None, "round": None, "upload_bytes": None}
+            out[key] = {"time_s": None, "training_time_s": None, "round": None, "upload_bytes": None}
         else:
-            out[key] = {"time_s": float(run.rows[i]["sim_time_s"]), "round": int(run.rows[i]["round"]),
+            t = float(run.rows[i]["sim_time_s"])
+            out[key] = {"time_s": pre + t, "training_time_s": t, "round": int(run.rows[i]["round"]),
                         "upload_bytes": int(sum(r.get("upload_bytes") or 0 for r in run.rows[:i + 1]))}
     return out
 
@@ -312,10 +330,11 @@ def stats(values: Sequence[float]) -> dict:
 def _config_key(run: Run) -> str:
     cfg = {k: v for k, v in run.config.items() if k not in ("seed", "method")}
     planner = dict(cfg.get("planner") or {})
-    if planner.get("pilot") and planner.get("constants") is not None:
-        # constants next to a pilot config were estimated from that seed's pilots (fedlora
-        # study): an outcome of the seed, like its data split, not a setting of the method
-        planner.pop("constants")
+    constants = planner.get("constants")
+    if isinstance(constants, dict) and constants.get("source") == "pilots":
+        # constants estimated from that seed's pilots (fedlora study): an outcome of the seed,
+        # like its data split, not a setting of the method
+        planner["constants"] = "pilots"
         cfg["planner"] = planner
     return json.dumps(cfg, sort_keys=True, default=str)
 
@@ -387,7 +406,8 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
         entry: dict[str, Any] = {
             "method": members[0].method, "n": len(members), "finished": len(finished),
             "seeds": [r.seed for r in members], "runs": [where(r.path) for r in members],
-            "stop_reasons": {}, "time_to_target_s": {}, "upload_to_target_bytes": {},
+            "stop_reasons": {}, "time_to_target_s": {}, "training_time_to_target_s": {},
+            "upload_to_target_bytes": {}, "planning_time_s": stats([r.planning_time_s for r in members]),
         }
         for r in members:
             entry["stop_reasons"][r.stop_reason] = entry["stop_reasons"].get(r.stop_reason, 0) + 1
@@ -396,6 +416,9 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
             reached = [x for x in times if x is not None]
             entry["time_to_target_s"][key] = {**stats(reached), "reached": len(reached), "of": len(members),
                                               "values": times}
+            training = [t[key]["training_time_s"] for t in ttt_runs if t[key]["training_time_s"] is not None]
+            entry["training_time_to_target_s"][key] = {**stats(training), "reached": len(training),
+                                                       "of": len(members)}
             entry["upload_to_target_bytes"][key] = stats([t[key]["upload_bytes"] for t in ttt_runs
                                                           if t[key]["upload_bytes"] is not None])
         entry["final_eval_mean"] = stats([r.result["final_eval_mean"] for r in finished
@@ -411,7 +434,9 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
             run_rows.append({"path": where(r.path), "label": label, "method": r.method, "seed": r.seed,
                              "finished": r.finished, "stop_reason": r.stop_reason, "rounds": r.rounds,
                              "sim_time_s": float(r.rows[-1]["sim_time_s"]),
+                             "pre_run_planning_s": r.pre_run_planning_s, "planning_time_s": r.planning_time_s,
                              "time_to_target_s": {k: v["time_s"] for k, v in t.items()},
+                             "training_time_to_target_s": {k: v["training_time_s"] for k, v in t.items()},
                              "final_eval_mean": r.result.get("final_eval_mean") if r.result else None,
                              "upload_bytes": r.total_bytes("upload"), "download_bytes": r.total_bytes("download")})
     for key in keys:
@@ -433,7 +458,7 @@ def speedups_over(summary: dict, focus: str) -> dict[str, dict[str, dict]]:
     did not reach it the seed gives no ratio. 'value' is mean T_other / mean T_focus over the
     seeds both give (a lower bound if any of those is one); None when focus missed a seed.
     """
-    end_s = {(r["label"], r["seed"]): r["sim_time_s"] for r in summary["runs"]}
+    end_s = {(r["label"], r["seed"]): r.get("pre_run_planning_s", 0.0) + r["sim_time_s"] for r in summary["runs"]}
     mine = summary["methods"][focus]
     out: dict[str, dict[str, dict]] = {}
     for label, other in summary["methods"].items():
@@ -558,19 +583,22 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
         header.append(f"time to {tv:g}: {key_name(k)} (s)" if tv is not None else f"time to target: {key_name(k)} (s)")
     if primary is not None:
         header.append(f"speedup ({key_name(primary)})")
-    header += ["final acc", "rounds", "MB up", "MB down"]
+    header += ["planning (s)", "final acc", "rounds", "MB up", "MB down"]
     rows = []
     for label, m in methods.items():
         row = [label, str(m["n"]) + ("" if m["finished"] == m["n"] else f" ({m['n'] - m['finished']} unfinished)")]
         row += [_fmt_time(m["time_to_target_s"][k]) for k in keys]
         if primary is not None:
             row.append(_fmt_speedup(m["speedup"].get(primary)))
-        row += [_fmt_stat(m["final_eval_mean"]), _rounds_cell(m["rounds"]),
+        row += [_fmt_stat(m["planning_time_s"], "{:.1f}"), _fmt_stat(m["final_eval_mean"]), _rounds_cell(m["rounds"]),
                 _fmt_stat(m["upload_bytes"], "{:.2f}", 1e6), _fmt_stat(m["download_bytes"], "{:.2f}", 1e6)]
         rows.append(row)
     align = [":--", "--:"] + ["--:"] * (len(header) - 2)
-    times = ("Times are simulated seconds at the first evaluation at or above the target; with several seeds, "
-             "mean ± std over the seeds that reached it, and (k/n) when only k of n did. ") if keys else ""
+    times = ("Times are simulated seconds at the first evaluation at or above the target, counting what a user "
+             "waits for: planning before round 1 (pilot runs and the reference run that set their loss) plus the "
+             "run's own clock (which holds the planner's server time); the training-only times are in the table "
+             "after. With several seeds, mean ± std over the seeds that reached it, and (k/n) when only k of n did. "
+             "Planning: all planning time of a run (before and during it). ") if keys else ""
     out = [f"# {title}", "", _target_text(target),
            times + "Final accuracy: mean over tasks on the final evaluation (result.json), mean ± std over seeds. "
            "MB = 10^6 bytes, whole run.", ""]
@@ -580,6 +608,10 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
         out += ["Speedup: mean time of the fastest other method / this method's (only methods whose every run "
                 "reached the target).", ""]
     out += _table(header, align, rows)
+    if keys:
+        out += ["", "## Time to target on the run's own clock (planning before round 1 not counted)", ""]
+        rows_t = [[label] + [_fmt_time(m["training_time_to_target_s"][k]) for k in keys] for label, m in methods.items()]
+        out += _table(["method"] + [key_name(k) for k in keys], [":--"] + ["--:"] * len(keys), rows_t)
     out += ["", "## Final accuracy per task", ""]
     header2 = ["method"] + tasks + ["mean", "stop reasons"]
     rows2 = []

@@ -83,10 +83,13 @@ class Setup:
 
 
 def constants_from_config(cfg: RunConfig):
+    """BoundConstants when planner.constants gives numbers, else None (online or pilots)."""
+    from .config import ConstantsConfig
     from .planner import BoundConstants
 
     c = cfg.planner.constants
-    return None if c is None else BoundConstants(alpha=c.alpha, beta=c.beta, gamma=c.gamma, delta=c.delta)
+    return BoundConstants(alpha=c.alpha, beta=c.beta, gamma=c.gamma, delta=c.delta) \
+        if isinstance(c, ConstantsConfig) else None
 
 
 def model_spec(cfg: RunConfig) -> ModelSpec:
@@ -326,8 +329,9 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
 # The pieces of one round, shared by `run` and the Flower engine (fedlora.flower).
 
 
-def start_run_folder(setup: Setup, method: Method, out: Path):
+def start_run_folder(setup: Setup, method: Method, out: Path, pre_run_planning_s: float = 0.0):
     """Fresh run folder: config, clients, data, plan, round-0 eval row, first checkpoint.
+    `pre_run_planning_s`: simulated seconds spent planning before round 1 (pilot runs).
     Returns (initial adapter state, progress dict)."""
     cfg = setup.cfg
     write_atomic(out / "config.yaml", dump_config(cfg))
@@ -345,7 +349,8 @@ def start_run_folder(setup: Setup, method: Method, out: Path):
         row0["probe_loss"] = probe_loss(setup, state)
     write_atomic(out / "metrics.jsonl", json.dumps(row0) + "\n")
     prog = {"next_round": 1, "sim_time_s": 0.0, "cpu_time_s": 0.0, "stop_reason": None,
-            "upload_bytes": 0, "download_bytes": 0}
+            "upload_bytes": 0, "download_bytes": 0, "pre_run_planning_s": float(pre_run_planning_s),
+            "planning_time_s": 0.0}
     if target_reached(cfg.train.target_accuracy, acc, mean):
         prog["stop_reason"] = "target_accuracy"
     save_checkpoint(out, state, method, setup.engine, prog)
@@ -407,6 +412,7 @@ def close_round(setup: Setup, method: Method, clock: RoundClock, prog: dict, t: 
     down = int(download_values * bytes_per_value)
     prog["upload_bytes"] += up
     prog["download_bytes"] += down
+    prog["planning_time_s"] = prog.get("planning_time_s", 0.0) + float(rc.info.get("planning_time_s", 0.0))
     row = {"round": t, "sim_time_s": prog["sim_time_s"], **times, "participants": ids,
            "upload_bytes": up, "download_bytes": down,
            "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected, **(extra or {}),
@@ -459,10 +465,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     if (out / "result.json").exists() and resume:
         return json.loads((out / "result.json").read_text())
     ctx = setup.method_context()
+    pre_run_s = 0.0
     if method_cls.needs_constants:
         from .pilot import resolve_constants
 
-        ctx.constants = resolve_constants(cfg, out, setup=setup, progress=progress)
+        ctx.constants, pre_run_s = resolve_constants(cfg, out, setup=setup, progress=progress)
     try:
         method = method_cls(ctx)  # plans (may refuse: infeasible constants, bad options)
     except Exception:
@@ -473,7 +480,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     ckpt = load_checkpoint(out) if resume else None
     metrics_path = out / "metrics.jsonl"
     if ckpt is None:
-        state, prog = start_run_folder(setup, method, out)
+        state, prog = start_run_folder(setup, method, out, pre_run_s)
     else:
         state, method_state, base_delta, prog = ckpt
         method.load_state_dict(method_state)
@@ -529,12 +536,20 @@ def finish(setup: Setup, method: Method, out: Path, state, prog: dict) -> dict:
     shutil.rmtree(out / "adapter", ignore_errors=True)
     os.replace(adapter_tmp, out / "adapter")
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    plan = method.plan()
+    if plan is not None:  # the plan the run ended with (online planning changes it between rounds)
+        write_atomic(out / "plan.json", json.dumps(plan, indent=1))
+    pre = float(prog.get("pre_run_planning_s", 0.0))
+    ttt = time_to_target(rows, cfg.train.target_accuracy)
     result = {"method": cfg.method, "seed": cfg.seed, "stop_reason": prog["stop_reason"],
               "rounds": rows[-1]["round"], "sim_time_s": prog["sim_time_s"], "cpu_time_s": prog["cpu_time_s"],
               "upload_bytes": prog["upload_bytes"], "download_bytes": prog["download_bytes"],
               "final_eval": acc, "final_eval_mean": mean,
               "final_eval_examples": len(setup.final_questions),
-              "time_to_target_s": time_to_target(rows, cfg.train.target_accuracy)}
+              # planning: before round 1 (pilots) + on the clock during the run (planner calls)
+              "pre_run_planning_s": pre, "planning_time_s": pre + float(prog.get("planning_time_s", 0.0)),
+              "time_to_target_s": ttt,  # on the run's own clock (in-run planning included)
+              "total_time_to_target_s": None if ttt is None else pre + ttt}  # what a user waits for
     write_atomic(out / "result.json", json.dumps(result, indent=1))
     return result
 

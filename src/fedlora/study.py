@@ -1,7 +1,9 @@
 """Studies: several methods, seeds and settings run against targets fixed before the runs.
 
 A study file (YAML, see experiments/) names a base run config, overrides, the methods, the
-seeds and optionally variants (name -> overrides, for sensitivity sweeps). For every distinct
+seeds and optionally variants (name -> overrides, for sensitivity sweeps). A method is a name,
+or {label, method, overrides} for a method run with its own settings (e.g. `proposed` planned
+from pilots beside the online default), its runs in OUT/<study>/<label>/. For every distinct
 setting (base + study overrides + variant overrides) the runner does, in this order:
 
 1. Reference: `reference` (default `sample_full`: every client, every round, full rank) with
@@ -16,9 +18,11 @@ setting (base + study overrides + variant overrides) the runner does, in this or
      rounds.
    Both go to <setting>/targets.json and into every later run's config.yaml, before any of
    those runs starts: nothing is tuned after seeing the compared methods.
-2. Pilots (only when a method plans): the 4 pilot settings of `planner.pilot.settings` per
-   seed, each stopped at the pilot loss; their rounds give the constants (planner
-   .estimate_constants), written to <setting>/pilot/seed<k>/constants.json.
+2. Pilots (only for a method that plans with `planner.constants: pilots`): the 4 pilot
+   settings of `planner.pilot.settings` per seed, each stopped at the pilot loss; their rounds
+   give the constants (planner.estimate_constants), written to
+   <setting>/pilot/seed<k>/constants.json with their cost: the pilots' simulated time plus
+   the reference's (it set their stopping loss), which those runs count as planning time.
 3. Methods: every method and seed, with train.target_accuracy = the targets (the run stops
    once every target is reached), at most `rounds_cap` x the reference's rounds and
    `time_cap` x its simulated time (a method not there by then is "not reached").
@@ -50,6 +54,14 @@ from .config import ConstantsConfig, InputError, RunConfig, dump_config, load_co
 EVAL_WINDOW = 3  # reference evaluations averaged into acc_ref
 
 
+class MethodEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the run folder's name
+    method: str
+    overrides: list[str] = []  # dotted key=value on top of the study's
+
+
 class StudySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,7 +69,7 @@ class StudySpec(BaseModel):
     description: str = ""
     base: str  # run config, relative to the study file
     overrides: list[str] = []  # dotted key=value, as `fedlora run --set`
-    methods: list[str]
+    methods: list[str | MethodEntry]
     seeds: list[int] = [0, 1, 2]
     reference: str = "sample_full"
     target_fraction: float = Field(0.8, gt=0, le=1)
@@ -104,9 +116,12 @@ def load_study(path: str | Path, extra_overrides: list[str] | None = None) -> tu
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         raise InputError(f"{path}: field '{loc}': {err['msg']}") from None
-    for m in spec.methods + [spec.reference]:
+    for m in [e.method for e in method_entries(spec)] + [spec.reference]:
         if m not in METHODS:
             raise InputError(f"{path}: field 'methods': unknown method '{m}' (known: {', '.join(sorted(METHODS))})")
+    labels = [e.label for e in method_entries(spec)]
+    if len(set(labels)) != len(labels):
+        raise InputError(f"{path}: field 'methods': labels must differ ({', '.join(labels)})")
     if not spec.seeds or any(s < 0 for s in spec.seeds):
         raise InputError(f"{path}: field 'seeds': give one or more seeds >= 0")
     base = (path.parent / spec.base).resolve()
@@ -125,7 +140,7 @@ def setting_key(cfg: RunConfig) -> str:
     c.method, c.seed = "manual", 0
     c.train.target_accuracy = None
     c.train.max_sim_time_s = None
-    c.planner.constants, c.planner.pilot = None, False
+    c.planner.constants = "online"
     c.eval.probe_examples = None  # a measurement only: training is the same with or without it
     return hashlib.sha256(dump_config(c).encode()).hexdigest()[:12]
 
@@ -306,8 +321,8 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
         for vname, cfg in variants:
             key = setting_key(cfg)
             st = settings.setdefault(key, Setting(key, cfg, out / "settings" / key))
-            for m in spec.methods:
-                if _method_needs_constants(m) and cfg.planner.constants is None:
+            for e in method_entries(spec):
+                if _uses_pilots(entry_config(cfg, e)):
                     st.needs_pilot |= set(spec.seeds)
             plan.append((spec, vname, st, out / spec.name / vname if vname else out / spec.name))
     runner = Runner(workers, log, progress)
@@ -380,19 +395,20 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
     for spec, vname, st, root in plan:
         rule = rules[st.key]
         for seed in spec.seeds:
-            for m in spec.methods:
-                c = st.cfg.model_copy(deep=True)
-                c.method, c.seed = m, seed
+            for e in method_entries(spec):
+                c = entry_config(st.cfg, e)
+                c.seed = seed
                 c.train.target_accuracy = dict(rule["targets"])
                 c.train.rounds = int(math.ceil(spec.rounds_cap * rule["reference_rounds"]))
                 c.train.max_sim_time_s = spec.time_cap * rule["reference_sim_time_s"]
-                if _method_needs_constants(m) and c.planner.constants is None and (st.key, seed) not in constants:
-                    continue  # its pilots failed: recorded above
-                if (st.key, seed) in constants and (_method_needs_constants(m) or m == "sample_weighted"):
-                    # sample_weighted matches the planned expected participants (methods/sampling_baselines.py)
-                    c.planner.constants = ConstantsConfig(**constants[st.key, seed]["constants"])
-                jobs.append(Job("method", c, root / m / f"seed{seed}",
-                                label=f"{_study_label(spec.name, vname)} {m} seed {seed}"))
+                if _uses_pilots(c):
+                    if (st.key, seed) not in constants:
+                        continue  # its pilots failed: recorded above
+                    found = constants[st.key, seed]
+                    c.planner.constants = ConstantsConfig(**found["constants"], source="pilots",
+                                                          planning_time_s=found["planning_time_s"])
+                jobs.append(Job("method", c, root / e.label / f"seed{seed}",
+                                label=f"{_study_label(spec.name, vname)} {e.label} seed {seed}"))
     jobs.sort(key=lambda j: j.cfg.seed)  # every study's seed 0 first: a cut-short study still has one seed
     log(f"{len(jobs)} method run(s)")
     runner.run(jobs)
@@ -405,8 +421,9 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
             name = _study_label(spec.name, vname)
             failed = [_failure_line(label, msg) for label, msg in runner.failures
                       if label.startswith(name + " ") or label.startswith(f"constants {st.key} ")]
-            ran = any((root / spec.methods[0]).glob("*/metrics.jsonl"))
-            focus = spec.methods[0] if ran else None  # None: it failed in every seed
+            first = method_entries(spec)[0]
+            ran = any((root / first.label).glob("*/metrics.jsonl"))
+            focus = _group_label(spec, first) if ran else None  # None: it failed in every seed
             summaries[name] = report([root], target=target, baseline=None, focus=focus, failed=failed)
     _raise_failures(runner)
     return summaries
@@ -416,10 +433,29 @@ def _rule_fields(spec: StudySpec) -> tuple:
     return (spec.reference, spec.target_fraction, spec.min_gain, spec.targets, spec.rounds_cap, spec.time_cap)
 
 
-def _method_needs_constants(name: str) -> bool:
+def method_entries(spec: StudySpec) -> list[MethodEntry]:
+    return [MethodEntry(label=m, method=m) if isinstance(m, str) else m for m in spec.methods]
+
+
+def entry_config(cfg: RunConfig, entry: MethodEntry) -> RunConfig:
+    """The setting's config with the entry's method and overrides."""
+    from .config import apply_overrides
+
+    raw = apply_overrides(cfg.model_dump(mode="json"), list(entry.overrides) + [f"method={entry.method}"])
+    return validate(raw, f"method '{entry.label}'")
+
+
+def _uses_pilots(cfg: RunConfig) -> bool:
     from .methods import METHODS
 
-    return bool(METHODS[name].needs_constants)
+    return bool(METHODS[cfg.method].needs_constants) and cfg.planner.constants == "pilots"
+
+
+def _group_label(spec: StudySpec, entry: MethodEntry) -> str:
+    """The label report.group_runs gives the entry's runs: the method's name, or method@label
+    when the study runs that method in several entries (several configs)."""
+    same = [e for e in method_entries(spec) if e.method == entry.method]
+    return entry.method if len(same) == 1 else f"{entry.method}@{entry.label}"
 
 
 def _constants(st: Setting, seed: int, rule: dict) -> dict:
@@ -430,8 +466,8 @@ def _constants(st: Setting, seed: int, rule: dict) -> dict:
     saved = folder / "constants.json"
     if not folder.is_dir():
         raise InputError(f"{folder}: no pilot runs (they failed to start)")
-    if saved.exists():
-        return json.loads(saved.read_text())
+    if saved.exists() and "planning_time_s" in (found := json.loads(saved.read_text())):
+        return found
     obs, runs = [], []
     for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         if not (run_dir / "result.json").exists():
@@ -443,11 +479,16 @@ def _constants(st: Setting, seed: int, rule: dict) -> dict:
                              f"{cfg.train.rounds} rounds")
         q, s = float(cfg.sampling.participation_prob), float(cfg.sketch.ratio)
         obs.append(PilotObservation(participation_prob=q, sketch_ratio=s, rounds=float(res["rounds"])))
-        runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": res["rounds"], "folder": run_dir.name})
+        runs.append({"participation_prob": q, "sketch_ratio": s, "rounds": res["rounds"], "folder": run_dir.name,
+                     "sim_time_s": res["sim_time_s"]})
     clients = json.loads((run_dir / "clients.json").read_text())  # same partition in every pilot of a seed
     report = constants_report(obs, [row["data_share"] for row in clients], runs, str(folder),
                               fit=pilot_config(st.cfg).fit)
     report["pilot_loss"] = rule["pilot_loss"]
+    # what a user waits for before the planned run: the pilots, and the reference run that set their loss
+    report["pilot_time_s"] = float(sum(r["sim_time_s"] for r in runs))
+    report["reference_sim_time_s"] = rule["reference_sim_time_s"]
+    report["planning_time_s"] = report["pilot_time_s"] + rule["reference_sim_time_s"]
     _write_json(saved, report)
     return report
 

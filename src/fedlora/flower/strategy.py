@@ -272,12 +272,13 @@ class FedLoraStrategy(Strategy):
         _info("discovery and setup took %.1fs", time.perf_counter() - wall0)
         prepare_out(self.out, resume=False, overwrite=self.overwrite)
         ctx = self.setup.method_context()
+        pre_run_s = 0.0
         if method_cls.needs_constants:
             from ..pilot import resolve_constants
 
-            ctx.constants = resolve_constants(cfg, self.out, setup=self.setup, progress=False)
+            ctx.constants, pre_run_s = resolve_constants(cfg, self.out, setup=self.setup, progress=False)
         self.method = method_cls(ctx)
-        self.state, self.prog = start_run_folder(self.setup, self.method, self.out)
+        self.state, self.prog = start_run_folder(self.setup, self.method, self.out, pre_run_s)
         self.clock = RoundClock(self.setup)
         result = Result()
         train_config = train_config or ConfigRecord()

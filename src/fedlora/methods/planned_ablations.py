@@ -8,14 +8,14 @@ with q fixed. These two methods are exactly those planned halves, run as Algorit
   * proposed_s: q fixed at `sampling.participation_prob` (as the rank baselines);
     integer ranks from the seed's greedy rule (planner.plan_ranks).
 
-Both need the bound constants, like `proposed`.
+Both plan like `proposed` (online by default, or from pilots / given constants).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..planner import plan_participation, plan_ranks
+from ..planner import Plan, PlanProblem, plan_participation, plan_ranks
 from .proposed import Proposed
 from .rank_baselines import _FixedQ
 
@@ -24,15 +24,17 @@ class ProposedQ(Proposed):
     name = "proposed_q"
     summary = "seed 001 ablation: planner picks q_i (Algorithm 2 q-step) at full rank s = 1"
 
-    def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
-        self.planned = self.run_planner(plan_participation)
-        return self.planned.participation_prob, self.planned.sketch_ratio
+    def solve(self, problem: PlanProblem, start) -> Plan:
+        return plan_participation(problem)
 
 
 class ProposedS(Proposed, _FixedQ):
     name = "proposed_s"
     summary = "seed 001 ablation: q fixed (sampling.participation_prob), planner picks ranks k_i (greedy)"
+    plans_participation = False
 
-    def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
-        self.planned = self.run_planner(plan_ranks, self.participation())
-        return self.planned.participation_prob, self.planned.sketch_ratio
+    def solve(self, problem: PlanProblem, start) -> Plan:
+        return plan_ranks(problem, self.participation())
+
+    def warmup_participation(self) -> np.ndarray:
+        return self.participation()

@@ -1,58 +1,211 @@
 """Seed 001's full method (Hou et al., arXiv 2505.23555): Algorithm 1 with q and s planned.
 
 The planner (Algorithm 2, `fedlora.planner`) picks every client's participation
-probability q_i and integer rank k_i by minimizing the convergence-time bound P2:
-rounds factor R(q, s) (Theorem 1, constants from the config or from pilot runs) times the
-Theorem-2 bound on the expected round time under equal-finish bandwidth allocation. The
-rounds then run exactly as Algorithm 1 (`manual`): independent sampling, random sketches,
-unbiased (p_i / q_i) aggregation.
+probability q_i and integer rank k_i by minimizing the convergence-time bound P2: a rounds
+factor R(q, s) times the Theorem-2 bound on the expected round time under equal-finish
+bandwidth allocation. The rounds then run exactly as Algorithm 1 (`manual`): independent
+sampling, random sketches, unbiased (p_i / q_i) aggregation.
+
+Where R comes from (`planner.constants`, docs/theory.md sections 5 and 8):
+  * online (default) [ours]: no constants up front. The first `planner.online.warmup_rounds`
+    rounds (0 by default) run at q = 1 and full rank; the first plan takes every client's
+    update as orthogonal to the others' (fedlora.online's prior). From then on the server's
+    estimates of each client's update energy and of the mean update's energy, both from the
+    updates it receives, give R = 1 + nu(q, s), nu the noise-to-signal ratio of a round's
+    update. The method re-plans every `replan_every` rounds, or sooner when the current
+    plan's predicted R moved by `replan_tolerance` (e.g. right after the first round). q and
+    s change only between rounds, so every round's p_i / q_i weights are those its sampling
+    used; q never falls below `min_participation`. Online planning uses the relaxed
+    Appendix C (docs/theory.md section 4) for every planned method: a refusal in the middle
+    of a run would stop it, and the relaxed bound equals the seed's wherever that one plans.
+  * pilots, or given numbers: the seed's R with four constants, planned once before round 1.
+Every planner call charges `planner.plan_time_s` of server time on the clock (the rounds'
+`planning_time_s`); the estimates need nothing but the updates the server receives.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from ..planner import PlanProblem, plan
+from ..online import OnlineEstimator, RoundObservation, energy_exponent_for
+from ..planner import Plan, PlanProblem, plan
 from ..system import ComputeModel
 from .manual import IndependentSketch
 
 
-def plan_problem(ctx, pin_large_clients: bool = False) -> PlanProblem:
+def plan_problem(ctx, constants, *, pin_large_clients: bool = False, min_participation: float = 1e-6) -> PlanProblem:
     cfg = ctx.cfg
     cm = cfg.system.compute_model
     return PlanProblem(data_share=ctx.data_share, compute_time_s=ctx.compute_time_s, upload_s_hz=ctx.upload_s_hz,
                        bandwidth_hz=cfg.system.bandwidth_hz, rank=cfg.lora.rank,
-                       compute_model=ComputeModel(cm.kind, cm.fixed_fraction), constants=ctx.constants,
-                       pin_large_clients=pin_large_clients)
+                       compute_model=ComputeModel(cm.kind, cm.fixed_fraction), constants=constants,
+                       pin_large_clients=pin_large_clients, min_participation=min_participation)
+
+
+def update_gram(jobs, payloads, rank: int) -> np.ndarray:
+    """<u_i, u_j> of the participants' updates scattered into the full rank-r factor space,
+    in the order of sorted(payloads)."""
+    flat = []
+    for i in sorted(payloads):
+        idx = torch.as_tensor(np.asarray(jobs[i].rank_indices), dtype=torch.long)
+        parts = []
+        for name in sorted({k.rsplit(".", 1)[0] for k in payloads[i]}):
+            da, db = payloads[i][f"{name}.A"].double(), payloads[i][f"{name}.B"].double()
+            a = torch.zeros(rank, da.shape[1], dtype=torch.float64).index_copy(0, idx, da)
+            b = torch.zeros(db.shape[0], rank, dtype=torch.float64).index_copy(1, idx, db)
+            parts += [a.flatten(), b.flatten()]
+        flat.append(torch.cat(parts))
+    if not flat:
+        return np.zeros((0, 0))
+    u = torch.stack(flat)
+    return (u @ u.T).numpy()
 
 
 class Proposed(IndependentSketch):
     name = "proposed"
-    summary = "seed 001: planner picks q_i and ranks k_i (Algorithm 2) minimizing the convergence-time bound"
-    needs_constants = True
+    summary = "seed 001: planner picks q_i and ranks k_i (Algorithm 2), its rounds model learnt online by default"
+    needs_constants = True  # the loop resolves planner.constants (online, pilots or numbers) first
     pin_large_clients = False  # the seed's Appendix-C bound for every client (methods/relaxed.py relaxes it)
+    plans_participation = True  # q is planned (proposed_s keeps the configured q)
+
+    def __init__(self, ctx):
+        self.online = ctx.constants is None
+        if self.online:
+            oc = ctx.cfg.planner.online
+            self.estimator = OnlineEstimator(ctx.data_share, ctx.rank,
+                                             energy_exponent=energy_exponent_for(ctx.cfg.train.optimizer),
+                                             sketch_exponent=oc.sketch_exponent, smoothing=oc.smoothing)
+        self.planned: Plan | None = None
+        self._plan_entry: dict = {}
+        self._server_s = 0.0  # server seconds charged to the round being configured (planning)
+        self.last_plan_round = 0
+        self.history: list[dict] = []
+        super().__init__(ctx)
+
+    # -- the planner half each variant chooses (proposed_q / proposed_s override these)
+    def solve(self, problem: PlanProblem, start) -> Plan:
+        return plan(problem, start=start)
+
+    def warmup_participation(self) -> np.ndarray:
+        return np.ones(self.ctx.num_clients)
 
     def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
-        self.planned = self.run_planner(plan)
+        """The setting of round 1: the warm-up (everybody at full rank), or the first plan
+        (from the online prior, or from the constants), charged in round 1."""
+        if self.online and self.ctx.cfg.planner.online.warmup_rounds:
+            return self.warmup_participation(), np.ones(self.ctx.num_clients)
+        self._plan_for_round(1, self.estimator.rounds_model() if self.online else self.ctx.constants)
         return self.planned.participation_prob, self.planned.sketch_ratio
 
-    def run_planner(self, planner, *args):
-        """planner(problem, *args) -> Plan; an infeasible problem is an input error."""
+    def run_planner(self, constants, start) -> Plan:
+        """self.solve on this run's problem; an infeasible problem is an input error."""
         from ..config import InputError
         from ..planner import AppendixCInfeasible, InfeasiblePlan
 
+        floor = self.ctx.cfg.planner.online.min_participation if self.online and self.plans_participation else 1e-6
         try:
-            return planner(plan_problem(self.ctx, self.pin_large_clients), *args)
+            return self.solve(plan_problem(self.ctx, constants, pin_large_clients=self.pin_large_clients or self.online,
+                                           min_participation=floor), start)
         except InfeasiblePlan as e:
             hint = ""
             if isinstance(e, AppendixCInfeasible) and not self.pin_large_clients:
                 hint = "; methods proposed_relaxed / proposed_s_relaxed plan with the bound relaxed for such clients"
             raise InputError(f"planner.constants / sampling.participation_prob: {e}{hint}") from None
 
+    # -- online re-planning, between rounds only
+    def _replan_due(self, t: int) -> bool:
+        oc = self.ctx.cfg.planner.online
+        if t <= oc.warmup_rounds:
+            return False
+        if self.planned is None or t - self.last_plan_round >= oc.replan_every:
+            return True
+        now = self.estimator.rounds_model().value(self.participation_prob, self.sketch_ratio, self.ctx.data_share)
+        return abs(now / self.planned.rounds_factor - 1.0) > oc.replan_tolerance
+
+    def _plan_for_round(self, t: int, constants) -> None:
+        """Plan (warm-started from the current plan when there is one) and adopt the plan from
+        round t on; the metrics row of round t shows it."""
+        start = None if self.planned is None else (self.participation_prob, self.ranks)
+        self.planned = self.run_planner(constants, start)
+        self._adopt(self.planned)
+        self.last_plan_round = t
+        self._plan_entry = {"round": t, "participation_prob": self.planned.participation_prob.tolist(),
+                            "ranks": self.planned.ranks.tolist(),
+                            "expected_participants": float(self.planned.participation_prob.sum()),
+                            "rounds_factor": float(self.planned.rounds_factor),
+                            "expected_round_time_s": float(self.planned.expected_round_time_s)}
+        if self.online:
+            self._plan_entry["relative_energy"] = self.estimator.relative_energy().tolist()
+        self.history.append({k: self._plan_entry[k] for k in ("round", "expected_participants", "rounds_factor",
+                                                              "expected_round_time_s")})
+
+    def _adopt(self, pl: Plan) -> None:
+        self.participation_prob = np.array(pl.participation_prob, dtype=float)
+        self.ranks = np.array(pl.ranks, dtype=int)
+        self.sketch_ratio = self.ranks / self.ctx.rank
+
+    def configure_round(self, round_idx, state):
+        if self.online and self._replan_due(round_idx):
+            self._plan_for_round(round_idx, self.estimator.rounds_model())
+        info = {"planning_time_s": 0.0}
+        if self.last_plan_round == round_idx:  # planned for this round: its row shows the plan and its cost
+            info = {"plan": self._plan_entry, "planning_time_s": self.ctx.cfg.planner.plan_time_s}
+        rc = super().configure_round(round_idx, state)
+        rc.info.update(info)
+        self._server_s = info["planning_time_s"]
+        return rc
+
+    def server_time_s(self) -> float:
+        return self._server_s
+
+    def aggregate(self, round_idx, state, jobs, payloads):
+        new = super().aggregate(round_idx, state, jobs, payloads)
+        if self.online:
+            ids = sorted(payloads)
+            self.estimator.observe(RoundObservation(
+                clients=np.array(ids, dtype=np.int64), ranks=np.array([len(jobs[i].rank_indices) for i in ids]),
+                participation_prob=self.participation_prob[ids], gram=update_gram(jobs, payloads, self.ctx.rank)))
+        return new
+
+    # -- what the run folder shows and the checkpoint keeps
     def plan(self) -> dict:
         out = super().plan()
-        out["constants"] = self.ctx.constants.to_dict()
-        out["objective"] = float(self.planned.objective)
-        out["rounds_factor"] = float(self.planned.rounds_factor)
-        out["planner_iterations"] = int(self.planned.iterations)
+        if self.online:
+            oc = self.ctx.cfg.planner.online
+            out["constants"] = "online"
+            out["online"] = {**oc.model_dump(), "plans": self.history,
+                             "note": "rounds before the first plan run at the warm-up setting; "
+                                     "each later plan is in its round's metrics row ('plan')"}
+        else:
+            out["constants"] = self.ctx.constants.to_dict()
+        if self.planned is not None:
+            out["objective"] = float(self.planned.objective)
+            out["rounds_factor"] = float(self.planned.rounds_factor)
+            out["planner_iterations"] = int(self.planned.iterations)
         return out
+
+    def state_dict(self) -> dict:
+        d = super().state_dict()
+        if self.online:
+            d["online"] = {"estimator": self.estimator.state_dict(), "last_plan_round": self.last_plan_round,
+                           "history": self.history, "participation_prob": self.participation_prob.tolist(),
+                           "ranks": self.ranks.tolist(),
+                           "plan": None if self.planned is None else self.planned.to_dict()}
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        super().load_state_dict(d)
+        if self.online:
+            o = d["online"]
+            self.estimator.load_state_dict(o["estimator"])
+            self.last_plan_round, self.history = int(o["last_plan_round"]), list(o["history"])
+            self.participation_prob = np.array(o["participation_prob"], dtype=float)
+            self.ranks = np.array(o["ranks"], dtype=int)
+            self.sketch_ratio = self.ranks / self.ctx.rank
+            p = o["plan"]
+            self.planned = None if p is None else Plan(
+                participation_prob=np.array(p["participation_prob"]), ranks=np.array(p["ranks"]),
+                sketch_ratio=np.array(p["sketch_ratio"]), objective=p["objective"],
+                expected_round_time_s=p["expected_round_time_s"], rounds_factor=p["rounds_factor"],
+                iterations=p["iterations"])

@@ -12,7 +12,7 @@ client at full rank, s_i = 1; only the participation probabilities q differ:
     q_i -> 0: one rare participant with q = 0.001 would be scaled by 1000.
   * sample_weighted: q_i proportional to p_i (water-filled at 1, base.weighted_probabilities),
     scaled so that sum_i q_i = expected_participants(). As in the seed, that is the
-    proposed plan's expected participants when the planner constants are in the config
+    proposed plan's expected participants when planner constants are given as numbers
     (planner.constants); else `sampling.participation_prob.expected_participants` when the
     config gives a "weighted" rule with that field; else 0.5 N (as many expected
     participants as sample_fixed).
@@ -62,7 +62,7 @@ class SampleWeighted(IndependentSketch):
 
     def expected_participants(self) -> float:
         """Target sum of q: the proposed plan's when constants are given; else see the docstring."""
-        if self.ctx.cfg.planner.constants is not None:
+        if self.ctx.constants is not None:
             from .proposed import Proposed
 
             return float(Proposed(self.ctx).participation_prob.sum())
