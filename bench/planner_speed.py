@@ -13,6 +13,13 @@ objective(baseline) / objective(plan) over
   best-uni: the best single (q, k) shared by all clients (grid over q and every k)
 Targets: N = 50 under 2 s, N = 1000 under 60 s.
 
+Then one online re-plan (methods/proposed.py): a rounds model of the online form (per-client
+weights omega ~ 5 e^{N(0, 0.5)}, alpha = 1 - sum p^2 omega, docs/theory.md section 8), planned
+cold, then the weights moved by up to 20 % (the estimates moved) and re-planned warm from the
+previous plan without the surrogate line search, as the method does. Prints its wall time and
+its objective over a cold plan of the moved model (1.000 = as good). Targets: N = 50 under
+0.5 s, N = 1000 under 2 s.
+
 Run: .venv/bin/python bench/planner_speed.py
 """
 
@@ -22,7 +29,9 @@ import time
 
 import numpy as np
 
-from fedlora.planner import BoundConstants, PlanProblem, objective, plan, q_lower_bound
+import dataclasses
+
+from fedlora.planner import BoundConstants, PlanProblem, RoundsModel, objective, plan, q_lower_bound
 from fedlora.system import ComputeModel, generate_profiles
 
 RANK = 16
@@ -75,5 +84,31 @@ def main() -> None:
                   flush=True)
 
 
+def online_model(p: np.ndarray, omega: np.ndarray) -> RoundsModel:
+    return RoundsModel(alpha=1.0 - float(np.sum(p * p * omega)), beta=1.0, gamma=0.0, delta=1.0, client_weight=omega)
+
+
+def replan() -> None:
+    print("\nonline re-plan (warm start, no surrogate)")
+    print(f"{'N':>5} {'seed':>4} {'replan_s':>8} {'cold_s':>7} {'replan/cold objective':>21}")
+    for n, seeds in ((50, (0, 1, 2)), (1000, (0, 1))):
+        for seed in seeds:
+            base = instance(n, seed, ComputeModel("affine", 0.3))
+            rng = np.random.default_rng(seed + 20_000)
+            omega = 5.0 * np.exp(0.5 * rng.standard_normal(n))
+            pr = dataclasses.replace(base, constants=online_model(base.data_share, omega), min_participation=0.05)
+            first = plan(pr)
+            moved = dataclasses.replace(pr, constants=online_model(base.data_share,
+                                                                   omega * rng.uniform(0.8, 1.2, n)))
+            t0 = time.perf_counter()
+            warm = plan(moved, start=(first.participation_prob, first.ranks), grid_points=0)
+            dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            cold = plan(moved)
+            dc = time.perf_counter() - t0
+            print(f"{n:>5} {seed:>4} {dt:>8.3f} {dc:>7.2f} {warm.objective / cold.objective:>21.4f}", flush=True)
+
+
 if __name__ == "__main__":
     main()
+    replan()

@@ -93,6 +93,22 @@ def test_plan_command_json(tmp_path):
     assert np.all(q >= len(p) * c["gamma"] * p ** 2 / (c["beta"] * k / 4) - 1e-9)  # Appendix C bound
 
 
+def test_plan_command_without_planner_keys_shows_the_online_start():
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    res = CliRunner().invoke(app, ["plan", str(SMOKE)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "online planning: round 1 runs this plan" in text and "refined every 5 rounds" in text
+    res = CliRunner().invoke(app, ["plan", str(SMOKE), "--json"])
+    out = json.loads(res.output)
+    assert out["constants"] == "online" and out["pre_run_planning_s"] == 0.0
+    assert [h["round"] for h in out["online"]["plans"]] == [1]
+    assert min(out["participation_prob"]) >= 0.05
+
+
 def test_pilots_without_a_target_are_bad_input(tmp_path):
     for switch in ("planner.constants=pilots", "planner.pilot=true"):  # the second: older configs
         cfg = load_config(SMOKE, ["method=proposed", switch])
@@ -149,94 +165,77 @@ def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tm
 
 
 def test_replanning_keeps_every_round_unbiased(online_setup):
-    """Fixed synthetic client updates, a re-plan before every round (q changes from round to
-    round): the mean aggregated update over many rounds is sum_i p_i Delta_i, i.e. each round's
-    weights p_i / q_i are those its sampling used (a re-plan between sampling and aggregation
-    would bias it)."""
+    """Fixed synthetic client updates and a re-plan before every round that swaps q between two
+    very different plans: the mean aggregated update over many rounds is sum_i p_i Delta_i,
+    i.e. each round's weights p_i / q_i are those its sampling used (weights from another
+    round's plan would be off by a factor up to 4.5)."""
     import torch
+
+    from fedlora.planner import Plan
 
     ctx = online_setup.method_context()
     method = get_method("proposed")(ctx)
-    state = online_setup.engine.init_state(0)
+    n, r = ctx.num_clients, ctx.rank
+    plans = [np.full(n, 0.2), np.full(n, 0.9)]
+    plans[0][0], plans[1][0] = 0.9, 0.2
+
+    def alternate(problem, start):
+        q = plans[len(method.history) % 2]
+        return Plan(participation_prob=q, ranks=np.array([r, r // 2, 1, r]), sketch_ratio=np.array([1, .5, 1 / r, 1]),
+                    objective=1.0, expected_round_time_s=1.0, rounds_factor=1.0, iterations=1)
+
+    method.solve = alternate
+    state = {n_: (a.double() * 0, b.double() * 0) for n_, (a, b) in online_setup.engine.init_state(0).items()}
     gen = torch.Generator().manual_seed(0)
-    delta = [{n: (torch.randn(a.shape, generator=gen, dtype=torch.float64),
-                  torch.randn(b.shape, generator=gen, dtype=torch.float64)) for n, (a, b) in state.items()}
-             for _ in range(ctx.num_clients)]
-    state = {n: (a.double() * 0, b.double() * 0) for n, (a, b) in state.items()}
-    r = ctx.rank
-    total = {n: (torch.zeros_like(a), torch.zeros_like(b)) for n, (a, b) in state.items()}
-    qs, rounds = set(), 3000
+    delta = [{n_: (torch.randn(a.shape, generator=gen, dtype=torch.float64),
+                   torch.randn(b.shape, generator=gen, dtype=torch.float64)) for n_, (a, b) in state.items()}
+             for _ in range(n)]
+    total = {n_: (torch.zeros_like(a), torch.zeros_like(b)) for n_, (a, b) in state.items()}
+    rounds, used = 2000, set()
     for t in range(1, rounds + 1):
         rc = method.configure_round(t, state)
-        qs.add(tuple(np.round(method.participation_prob, 9)))
+        used.add(tuple(method.participation_prob))
         jobs = {j.client_id: j for j in rc.jobs}
         payloads = {}
         for i, job in jobs.items():  # the ideal sketch: kept ranks scaled by r / k
             idx = torch.as_tensor(job.rank_indices)
             k = len(job.rank_indices)
             payloads[i] = {}
-            for n, (a, b) in delta[i].items():
-                payloads[i][f"{n}.A"] = a[idx] * r / k
-                payloads[i][f"{n}.B"] = b[:, idx] * r / k
+            for n_, (a, b) in delta[i].items():
+                payloads[i][f"{n_}.A"] = a[idx] * r / k
+                payloads[i][f"{n_}.B"] = b[:, idx] * r / k
         new = method.aggregate(t, state, jobs, payloads)
-        for n in total:
-            total[n] = (total[n][0] + new[n][0] - state[n][0], total[n][1] + new[n][1] - state[n][1])
-    assert len(qs) > 5  # q really changed between rounds
+        for n_ in total:
+            total[n_] = (total[n_][0] + new[n_][0] - state[n_][0], total[n_][1] + new[n_][1] - state[n_][1])
+    assert {tuple(q) for q in plans} <= used and len(method.history) >= rounds  # re-planned every round
     p = torch.as_tensor(ctx.data_share)
-    for n in total:
+    for n_ in total:
         for j in (0, 1):
-            expect = sum(p[i] * delta[i][n][j] for i in range(ctx.num_clients))
-            got = total[n][j] / rounds
-            assert float((got - expect).norm() / expect.norm()) < 0.1
+            expect = sum(p[i] * delta[i][n_][j] for i in range(n))
+            assert float((total[n_][j] / rounds - expect).norm() / expect.norm()) < 0.1
 
 
-def test_pilot_wiring_recovers_constants(setup, tmp_path, monkeypatch):
-    """Pilot runs replaced by the model's own round counts: the four settings of the config
-    go through X, Y and the SVD and come back as the constants that made them."""
-    truth = BoundConstants(alpha=3.0, beta=1.0, gamma=0.2, delta=0.7)
-    p2 = float(np.sum(setup.data_share ** 2))
-    seen = []
+def test_pilot_constants_of_another_config_are_refused(setup, tmp_path, monkeypatch):
+    """constants.json is reused only by the config it was made for; it records the pilots'
+    simulated time, which the run counts as planning before round 1."""
+    calls = []
 
     def fake_run(cfg, out, **kw):
+        calls.append(out)
+        p2 = float(np.sum(setup.data_share ** 2))
         q, s = cfg.sampling.participation_prob, cfg.sketch.ratio
-        seen.append((q, s, cfg.method))
-        x, y = p2 / q, p2 / (q * s)
-        rounds = (truth.alpha + truth.delta * x) / (truth.beta - truth.gamma * y)
-        return {"stop_reason": "stop_when", "rounds": rounds}
+        return {"stop_reason": "stop_when", "rounds": (3 + 0.7 * p2 / q) / (1 - 0.2 * p2 / (q * s)),
+                "sim_time_s": 100.0}
 
     monkeypatch.setattr(simulate, "run", fake_run)
-    cfg = load_config(SMOKE, ["planner.pilot={target_loss: 1.0}"])
-    report = pilot.run_pilots(cfg, tmp_path / "pilot", setup=setup, progress=False, log=lambda *_: None)
-    assert [(q, s) for q, s, _ in seen] == [tuple(x) for x in cfg.planner.pilot.settings]
-    assert {m for *_, m in seen} == {"manual"}
-    est = report["constants"]
-    for name in ("alpha", "gamma", "delta"):
-        assert est[name] == pytest.approx(getattr(truth, name), rel=1e-6)
-    assert json.loads((tmp_path / "pilot" / "constants.json").read_text())["constants"] == est
-
-
-def test_pilot_rejects_contradicting_rounds(setup, tmp_path, monkeypatch):
-    def fake_run(cfg, out, **kw):  # more rounds with more participation: contradicts the model
-        return {"stop_reason": "stop_when", "rounds": 5 + 20 * cfg.sampling.participation_prob * cfg.sketch.ratio}
-
-    monkeypatch.setattr(simulate, "run", fake_run)
-    cfg = load_config(SMOKE, ["planner.pilot={target_loss: 1.0}"])
-    with pytest.raises(InputError, match="planner.pilot"):
-        pilot.run_pilots(cfg, tmp_path / "pilot", setup=setup, progress=False, log=lambda *_: None)
-
-
-def test_real_pilot_run_stops_at_the_loss_target(setup, tmp_path):
-    """One real pilot setting through the loop: it stops when the smoothed train loss is at
-    the target and the rounds it reports are that round."""
-    cfg = load_config(SMOKE, ["train.rounds=6", "eval.every=6"])
-    rows_seen = []
-
-    def stop(rows):
-        rows_seen.append(len(rows))
-        return len(rows) >= 4  # row 0 + 3 rounds
-
-    res = simulate.run(cfg, tmp_path / "one", setup=setup, progress=False, stop_when=stop)
-    assert res["stop_reason"] == "stop_when" and res["rounds"] == 3
-    assert pilot.loss_reached([{"train_loss": 1.0}, {"train_loss": None}, {"train_loss": 2.0},
-                               {"train_loss": 3.0}], 2.0)
-    assert not pilot.loss_reached([{"train_loss": 1.0}, {"train_loss": 9.0}], 5.0)  # fewer than 3 losses
+    cfg = load_config(SMOKE, ["planner.constants=pilots", "planner.pilot={target_loss: 1.0}"])
+    consts, cost = pilot.resolve_constants(cfg, tmp_path, setup=setup, progress=False)
+    assert cost == pytest.approx(4 * 100.0) and len(calls) == 4
+    again, cost2 = pilot.resolve_constants(cfg, tmp_path, setup=setup, progress=False)  # reused, not re-run
+    assert again == consts and cost2 == cost and len(calls) == 4
+    other = load_config(SMOKE, ["planner.constants=pilots", "planner.pilot={target_loss: 1.0}", "train.lr=0.01"])
+    with pytest.raises(InputError, match="pilot constants of another config"):
+        pilot.resolve_constants(other, tmp_path, setup=setup, progress=False)
+    # the planned method itself does not change which pilots fit
+    same = load_config(SMOKE, ["planner.constants=pilots", "planner.pilot={target_loss: 1.0}", "method=proposed_q"])
+    assert pilot.resolve_constants(same, tmp_path, setup=setup, progress=False)[0] == consts
