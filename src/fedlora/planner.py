@@ -298,6 +298,15 @@ class Plan:
     rounds_factor: float
     iterations: int
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        arrays = {k: np.array(d[k], dtype=np.int64 if k == "ranks" else np.float64)
+                  for k in ("participation_prob", "ranks", "sketch_ratio")}
+        for a in arrays.values():
+            a.setflags(write=False)
+        return cls(**arrays, objective=float(d["objective"]), expected_round_time_s=float(d["expected_round_time_s"]),
+                   rounds_factor=float(d["rounds_factor"]), iterations=int(d["iterations"]))
+
     def to_dict(self) -> dict:
         return {
             "participation_prob": [float(x) for x in self.participation_prob],

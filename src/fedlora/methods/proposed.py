@@ -191,9 +191,7 @@ class Proposed(IndependentSketch):
         d = super().state_dict()
         if self.online:
             d["online"] = {"estimator": self.estimator.state_dict(), "last_plan_round": self.last_plan_round,
-                           "history": self.history, "participation_prob": self.participation_prob.tolist(),
-                           "ranks": self.ranks.tolist(),
-                           "plan": None if self.planned is None else self.planned.to_dict()}
+                           "history": self.history, "plan": None if self.planned is None else self.planned.to_dict()}
         return d
 
     def load_state_dict(self, d: dict) -> None:
@@ -202,12 +200,6 @@ class Proposed(IndependentSketch):
             o = d["online"]
             self.estimator.load_state_dict(o["estimator"])
             self.last_plan_round, self.history = int(o["last_plan_round"]), list(o["history"])
-            self.participation_prob = np.array(o["participation_prob"], dtype=float)
-            self.ranks = np.array(o["ranks"], dtype=int)
-            self.sketch_ratio = self.ranks / self.ctx.rank
-            p = o["plan"]
-            self.planned = None if p is None else Plan(
-                participation_prob=np.array(p["participation_prob"]), ranks=np.array(p["ranks"]),
-                sketch_ratio=np.array(p["sketch_ratio"]), objective=p["objective"],
-                expected_round_time_s=p["expected_round_time_s"], rounds_factor=p["rounds_factor"],
-                iterations=p["iterations"])
+            self.planned = None if o["plan"] is None else Plan.from_dict(o["plan"])
+            if self.planned is not None:  # else the warm-up setting __init__ chose
+                self._adopt(self.planned)
