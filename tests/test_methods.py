@@ -389,24 +389,18 @@ def test_real_run(setup, tmp_path, name):
         assert json.loads((out / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
 
 
-def test_flora_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+def test_flora_resume_equals_uninterrupted(setup, tmp_path, kill_in_round):
     """FLoRA's pending broadcast (method state) and merged base (engine) survive a resume."""
     cfg = setup.cfg.model_copy(update={"method": "flora"})
     s = dataclasses.replace(setup, cfg=cfg)
     full = tmp_path / "full"
     simulate.run(cfg, full, setup=s, progress=False)
-    real = simulate.client_batches
-
-    def crash_in_round_2(st, client, round_idx):
-        if round_idx == 2:
-            raise KeyboardInterrupt("killed")
-        return real(st, client, round_idx)
 
     killed = tmp_path / "killed"
-    monkeypatch.setattr(simulate, "client_batches", crash_in_round_2)
+    kill_in_round(2)
     with pytest.raises(KeyboardInterrupt):
         simulate.run(cfg, killed, setup=s, progress=False)
-    monkeypatch.setattr(simulate, "client_batches", real)
+    kill_in_round(None)
     simulate.run(cfg, killed, setup=s, progress=False, resume=True)
 
     def rows(out):

@@ -124,7 +124,7 @@ def online_setup():
                                                    "planner.online.replan_every=1"]))
 
 
-def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tmp_path, monkeypatch):
+def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tmp_path, kill_in_round):
     """No planner keys: the run plans from round 1, re-plans every round from what it measured,
     charges each plan on the clock, and a run killed in round 3 resumes to the same numbers."""
     cfg = online_setup.cfg
@@ -150,17 +150,10 @@ def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tm
     assert [h["round"] for h in written["online"]["plans"]] == [1, 2, 3]
 
     killed = tmp_path / "killed"
-    real = simulate.client_batches
-
-    def crash_in_round_3(s, client, round_idx):
-        if round_idx == 3:
-            raise KeyboardInterrupt("killed")
-        return real(s, client, round_idx)
-
-    monkeypatch.setattr(simulate, "client_batches", crash_in_round_3)
+    kill_in_round(3)
     with pytest.raises(KeyboardInterrupt):
         simulate.run(cfg, killed, setup=online_setup, progress=False)
-    monkeypatch.setattr(simulate, "client_batches", real)
+    kill_in_round(None)
     simulate.run(cfg, killed, setup=online_setup, progress=False, resume=True)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in rs]  # noqa: E731
     assert strip([json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]) == strip(rows)

@@ -56,24 +56,17 @@ def test_run_folder_contract(setup, tmp_path):
     assert result["rounds"] == 3 and set(result["final_eval"]) == {"ARC-Easy", "social_i_qa"}
 
 
-def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(setup, tmp_path, kill_in_round):
     full = tmp_path / "full"
     simulate.run(setup.cfg, full, setup=setup, progress=False)
 
     killed = tmp_path / "killed"
-    real = simulate.client_batches
-
-    def crash_in_round_3(s, client, round_idx):
-        if round_idx == 3:
-            raise KeyboardInterrupt("killed")
-        return real(s, client, round_idx)
-
-    monkeypatch.setattr(simulate, "client_batches", crash_in_round_3)
+    kill_in_round(3)
     with pytest.raises(KeyboardInterrupt):
         simulate.run(setup.cfg, killed, setup=setup, progress=False)
     assert [r["round"] for r in rows(killed)] == [0, 1, 2]
     assert not (killed / "result.json").exists()
-    monkeypatch.setattr(simulate, "client_batches", real)
+    kill_in_round(None)
     simulate.run(setup.cfg, killed, setup=setup, progress=False, resume=True)
 
     assert without_cpu_time(rows(killed)) == without_cpu_time(rows(full))
