@@ -11,8 +11,10 @@ by method (seeds of one method become one group), and writes
   simulated time, one line per method (seeds: mean line, min/max band);
 - `bytes_vs_accuracy.png`: mean accuracy against cumulative upload bytes.
 
-Time to target: the simulated time (`sim_time_s`) of the first evaluated round whose
-accuracy is at or above the target; None ("not reached") when no evaluated round gets there.
+Time to target: planning before round 1 (pilots; `Run.pre_run_planning_s`) plus the simulated
+time (`sim_time_s`) of the first evaluated round whose accuracy is at or above the target;
+None ("not reached") when no evaluated round gets there. The training-only time (the run's
+clock alone) is reported beside it.
 """
 
 from __future__ import annotations
@@ -632,7 +634,8 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
         out += _table(["vs"] + [key_name(k) for k in keys], [":--"] + ["--:"] * len(keys), rows3)
     if summary.get("failed"):
         out += ["", "## Runs that failed (not in the tables)", ""] + [f"- {line}" for line in summary["failed"]]
-    out += ["", "Plots: accuracy_vs_time.png (accuracy per task and mean vs simulated time), "
+    out += ["", "Plots: accuracy_vs_time.png (accuracy per task and mean vs simulated time on each run's own "
+                "clock: planning before round 1 is not drawn, the tables above count it), "
                 "bytes_vs_accuracy.png (mean accuracy vs cumulative upload bytes).", ""]
     return "\n".join(out)
 
@@ -721,7 +724,7 @@ def write_plots(runs: Sequence[Run], summary: dict, out_dir: Path) -> list[Path]
         if tv is not None:
             ax.axhline(tv, color="gray", linestyle="--", linewidth=1, label=f"target {tv:g}")
         ax.set_title(title)
-        ax.set_xlabel("simulated time (s)")
+        ax.set_xlabel("simulated time on the run's clock (s)")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
