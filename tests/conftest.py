@@ -1,22 +1,38 @@
 """Fixtures shared by several test files."""
 
+import json
+
 import pytest
 
 from fedlora import simulate
 
 
+def metric_rows(out) -> list[dict]:
+    """metrics.jsonl of a run folder, without the (machine-dependent) cpu_time_s."""
+    return [{k: v for k, v in json.loads(x).items() if k != "cpu_time_s"}
+            for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture
-def kill_in_round(monkeypatch):
-    """kill_in_round(t): from now on a run is killed (KeyboardInterrupt) as round t starts
-    training, after round t - 1's checkpoint; kill_in_round(None) lets runs go on again."""
+def killed_then_resumed(monkeypatch):
+    """killed_then_resumed(cfg, out, setup, at_round): run into `out`, killed (KeyboardInterrupt)
+    as round `at_round` starts training, after round at_round - 1's checkpoint; then resume it
+    to the end. Returns the metric rows the killed run had left."""
     real = simulate.client_batches
 
-    def install(t: int | None) -> None:
-        def crash(setup, client, round_idx):
-            if round_idx == t:
+    def run(cfg, out, setup, at_round: int) -> list[dict]:
+        def crash(s, client, round_idx):
+            if round_idx == at_round:
                 raise KeyboardInterrupt("killed")
-            return real(setup, client, round_idx)
+            return real(s, client, round_idx)
 
-        monkeypatch.setattr(simulate, "client_batches", real if t is None else crash)
+        monkeypatch.setattr(simulate, "client_batches", crash)
+        with pytest.raises(KeyboardInterrupt):
+            simulate.run(cfg, out, setup=setup, progress=False)
+        assert not (out / "result.json").exists()  # killed: no result
+        left = metric_rows(out)
+        monkeypatch.setattr(simulate, "client_batches", real)
+        simulate.run(cfg, out, setup=setup, progress=False, resume=True)
+        return left
 
-    return install
+    return run

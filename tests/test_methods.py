@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import metric_rows
 from fedlora import simulate
 from fedlora.config import InputError, RunConfig, load_config
 from fedlora.methods import METHODS
@@ -389,7 +390,7 @@ def test_real_run(setup, tmp_path, name):
         assert json.loads((out / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
 
 
-def test_flora_resume_equals_uninterrupted(setup, tmp_path, kill_in_round):
+def test_flora_resume_equals_uninterrupted(setup, tmp_path, killed_then_resumed):
     """FLoRA's pending broadcast (method state) and merged base (engine) survive a resume."""
     cfg = setup.cfg.model_copy(update={"method": "flora"})
     s = dataclasses.replace(setup, cfg=cfg)
@@ -397,15 +398,6 @@ def test_flora_resume_equals_uninterrupted(setup, tmp_path, kill_in_round):
     simulate.run(cfg, full, setup=s, progress=False)
 
     killed = tmp_path / "killed"
-    kill_in_round(2)
-    with pytest.raises(KeyboardInterrupt):
-        simulate.run(cfg, killed, setup=s, progress=False)
-    kill_in_round(None)
-    simulate.run(cfg, killed, setup=s, progress=False, resume=True)
-
-    def rows(out):
-        return [{k: v for k, v in json.loads(x).items() if k != "cpu_time_s"}
-                for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-    assert rows(killed) == rows(full)
-    assert rows(full)[2]["download_bytes"] > 0
+    killed_then_resumed(cfg, killed, s, at_round=2)
+    assert metric_rows(killed) == metric_rows(full)
+    assert metric_rows(full)[2]["download_bytes"] > 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import metric_rows
 from fedlora import pilot, simulate
 from fedlora.config import InputError, load_config
 from fedlora.methods.proposed import plan_problem
@@ -124,7 +125,7 @@ def online_setup():
                                                    "planner.online.replan_every=1"]))
 
 
-def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tmp_path, kill_in_round):
+def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tmp_path, killed_then_resumed):
     """No planner keys: the run plans from round 1, re-plans every round from what it measured,
     charges each plan on the clock, and a run killed in round 3 resumes to the same numbers."""
     cfg = online_setup.cfg
@@ -150,13 +151,8 @@ def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tm
     assert [h["round"] for h in written["online"]["plans"]] == [1, 2, 3]
 
     killed = tmp_path / "killed"
-    kill_in_round(3)
-    with pytest.raises(KeyboardInterrupt):
-        simulate.run(cfg, killed, setup=online_setup, progress=False)
-    kill_in_round(None)
-    simulate.run(cfg, killed, setup=online_setup, progress=False, resume=True)
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in rs]  # noqa: E731
-    assert strip([json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]) == strip(rows)
+    assert [r["round"] for r in killed_then_resumed(cfg, killed, online_setup, at_round=3)] == [0, 1, 2]
+    assert metric_rows(killed) == metric_rows(full)
     assert json.loads((killed / "plan.json").read_text()) == written
 
 

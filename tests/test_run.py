@@ -56,18 +56,13 @@ def test_run_folder_contract(setup, tmp_path):
     assert result["rounds"] == 3 and set(result["final_eval"]) == {"ARC-Easy", "social_i_qa"}
 
 
-def test_resume_equals_uninterrupted(setup, tmp_path, kill_in_round):
+def test_resume_equals_uninterrupted(setup, tmp_path, killed_then_resumed):
     full = tmp_path / "full"
     simulate.run(setup.cfg, full, setup=setup, progress=False)
 
     killed = tmp_path / "killed"
-    kill_in_round(3)
-    with pytest.raises(KeyboardInterrupt):
-        simulate.run(setup.cfg, killed, setup=setup, progress=False)
-    assert [r["round"] for r in rows(killed)] == [0, 1, 2]
-    assert not (killed / "result.json").exists()
-    kill_in_round(None)
-    simulate.run(setup.cfg, killed, setup=setup, progress=False, resume=True)
+    left = killed_then_resumed(setup.cfg, killed, setup, at_round=3)
+    assert [r["round"] for r in left] == [0, 1, 2]
 
     assert without_cpu_time(rows(killed)) == without_cpu_time(rows(full))
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
