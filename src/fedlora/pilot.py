@@ -153,8 +153,9 @@ def resolve_constants(cfg: RunConfig, out: Path, *, setup=None,
     if given == "online":
         return None, 0.0
     if isinstance(given, ConstantsConfig):
-        return BoundConstants(alpha=given.alpha, beta=given.beta, gamma=given.gamma, delta=given.delta), \
-            given.planning_time_s
+        from .simulate import constants_from_config
+
+        return constants_from_config(cfg), given.planning_time_s
     saved = Path(out) / "pilot" / "constants.json"
     if saved.exists():
         report = json.loads(saved.read_text())
