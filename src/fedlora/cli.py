@@ -81,7 +81,8 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
          out: Optional[Path] = typer.Option(None, "-o", "--out", help="where pilot runs go (planner.constants: pilots)"),
          overrides: Optional[list[str]] = OverridesArg):
     """The plan a `proposed` run starts with: q_i and ranks k_i for every client (Algorithm 2).
-    With online planning (the default) that is the warm-up; the run refines it as it learns."""
+    With online planning (the default) that is the plan made before any update is seen (or the
+    warm-up, with planner.online.warmup_rounds); the run refines it as it learns."""
     cfg = load_config(config, overrides or [])
     cfg.method = "proposed"
     from .pilot import check_planner_inputs

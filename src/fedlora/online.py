@@ -134,8 +134,8 @@ class OnlineEstimator:
         return self.client_energy() / self.signal()
 
     def variances(self, participation_prob, sketch_ratio) -> tuple[np.ndarray, np.ndarray]:
-        """Per client: (sampling variance, sketch variance) of the aggregated update, in the
-        units of ||D||^2 times ||D||^2 (i.e. absolute)."""
+        """Per client: (sampling variance, sketch variance) of the aggregated update, read per
+        unit of retained signal; absolute (the units of ||D||^2)."""
         q = np.asarray(participation_prob, dtype=np.float64)
         s = np.asarray(sketch_ratio, dtype=np.float64)
         pm = self.p ** 2 * self.client_energy()
