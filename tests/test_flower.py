@@ -270,10 +270,10 @@ def test_fake_grid_matches_inprocess(tmp_path, task_identity):
         [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in ref]
 
 
-@pytest.mark.parametrize("method", ["soft", "flora"])  # tsfa sends its regularizer as soft does
+@pytest.mark.parametrize("method", ["soft", "flora", "hetlora"])  # tsfa sends its regularizer as soft does
 def test_fake_grid_soft_and_flora_match_inprocess(tmp_path, task_identity, own_node_setup, method):
-    """Nodes with their own model: SOFT's (and TSFA's) regularizer and FLoRA's merged base
-    reach them, so the rows equal the simulator's exactly."""
+    """Nodes with their own model: SOFT's (and TSFA's) and HetLoRA's regularizers and FLoRA's
+    merged base reach them, so the rows equal the simulator's exactly."""
     overrides = [f"method={method}", "train.rounds=2", "sampling.participation_prob=1.0"]
     got, _ = run_fake(tmp_path, None, overrides)
     ref = inprocess(tmp_path, overrides)

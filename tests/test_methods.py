@@ -20,15 +20,18 @@ from fedlora.methods.base import ClientJob, MethodContext, payload_values, state
 from fedlora.methods.flexlora import FlexLoRA, svd_truncation
 from fedlora.methods.flora import FLoRA, stack_adapters
 from fedlora.methods.fslora import FSLoRA, default_clients_per_round, expected_max_fixed_size
-from fedlora.methods.hetlora import HetLoRA, truncate
+from fedlora.methods.hetlora import HetLoRA, TailRegularizer, pruned_rank, truncate
+from fedlora.methods.hetlora_rank_avg import HetLoRARankAverage
 from fedlora.methods.rank_baselines import RankFull, RankNormal, RankUniform
+from fedlora.methods.planned_ablations import ProposedQ
+from fedlora.methods.proposed import Proposed
 from fedlora.methods.sampling_baselines import SampleFixed, SampleFull, SampleUniform, SampleWeighted
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 T = torch.float64
 P3 = (0.5, 0.3, 0.2)
-NEW_METHODS = ["fslora", "hetlora", "flora", "flexlora", "sample_full", "sample_fixed", "sample_uniform",
+NEW_METHODS = ["fslora", "hetlora", "hetlora_rank_avg", "flora", "flexlora", "sample_full", "sample_fixed", "sample_uniform",
                "sample_weighted", "rank_full", "rank_normal", "rank_uniform"]
 
 
@@ -136,10 +139,10 @@ def test_expected_max_fixed_size_matches_enumeration():
 # ------------------------------------------------------------------ HetLoRA
 
 
-def _het_setup(weighting):
+def _het_setup(weighting, x0=0.0, **options):
     m = HetLoRA(make_ctx(options={"clients_per_round": 3, "client_ranks": [4, 2, 1],
-                                  "hetlora_weighting": weighting}))
-    state = ones_state(0.0)
+                                  "hetlora_weighting": weighting, "hetlora_pruning": False, **options}))
+    state = ones_state(x0)
     jobs = {i: ClientJob(i, start=truncate(state, k), scaling=2.0, compute_ratio=k / 4, rank_indices=np.arange(k))
             for i, k in enumerate([4, 2, 1])}
     c = {0: 1.0, 1: 2.0, 2: 4.0}
@@ -157,32 +160,74 @@ def test_hetlora_truncates_first_ranks_with_global_scaling():
         a, b = j.start["m"]
         assert torch.equal(a, state["m"][0][:k]) and torch.equal(b, state["m"][1][:, :k])
         assert j.scaling == 2.0 and j.compute_ratio == k / 4  # alpha / r, no r / k rescale
+        assert j.regularizer == TailRegularizer(0.01, 0.99)  # the pruning regularizer, by default
     j = rc.jobs[1]
     j.start["m"][0].add_(1.0)  # a client's start is a copy, never the global state
     assert state["m"][0][0, 0] == 0
 
 
-def test_hetlora_zero_pad_per_rank_average():
-    m, state, jobs, payloads = _het_setup("uniform")
+def test_hetlora_zero_padded_average_over_all_sampled_clients():
+    """The paper's rule: trained factors zero-padded to rank r, weights normalised over every
+    sampled client, so a rank few clients hold is pulled towards zero."""
+    m, state, jobs, payloads = _het_setup("data_share", x0=1.0)
     new = m.aggregate(1, state, jobs, payloads)
-    # rank 0: all three hold it; rank 1: clients 0, 1; ranks 2, 3: client 0 only
-    per_rank = [(0.5 * 1 + 0.3 * 2 + 0.2 * 4) / 1.0, (0.5 * 1 + 0.3 * 2) / 0.8, 1.0, 1.0]
+    # trained factors 1 + c_i = 2, 3, 5; rank 0 held by all, rank 1 by clients 0 and 1, ranks 2-3 by client 0
+    per_rank = [0.5 * 2 + 0.3 * 3 + 0.2 * 5, 0.5 * 2 + 0.3 * 3, 0.5 * 2, 0.5 * 2]
     np.testing.assert_allclose(new["m"][0].numpy(), np.repeat(np.array(per_rank)[:, None], 2, 1), atol=1e-12)
     np.testing.assert_allclose(new["m"][1].numpy(), np.repeat(np.array(per_rank)[None, :], 3, 0), atol=1e-12)
-    # a rank nobody holds stays put
-    jobs2 = {1: jobs[1], 2: jobs[2]}
-    new2 = m.aggregate(1, ones_state(5.0), jobs2, {1: payloads[1], 2: payloads[2]})
-    assert torch.all(new2["m"][0][2:] == 5.0) and torch.all(new2["m"][1][:, 2:] == 5.0)
-    np.testing.assert_allclose(new2["m"][0][0].numpy(), 5 + (0.3 * 2 + 0.2 * 4) / 0.5)
+    # clients 1 and 2 only: weights .3/.5 and .2/.5; the ranks neither holds go to zero
+    jobs5 = {i: dataclasses.replace(jobs[i], start=truncate(ones_state(5.0), k)) for i, k in ((1, 2), (2, 1))}
+    new2 = m.aggregate(1, ones_state(5.0), jobs5, {1: payloads[1], 2: payloads[2]})
+    np.testing.assert_allclose(new2["m"][0][:, 0].numpy(), [0.6 * 7 + 0.4 * 9, 0.6 * 7, 0.0, 0.0], atol=1e-12)
 
 
-def test_hetlora_norm_weighting():
+def test_hetlora_sparsity_weighting():
     m, state, jobs, payloads = _het_setup("norm")
     new = m.aggregate(1, state, jobs, payloads)
     # start 0, so B_i A_i = c^2 k * ones(3, 2): norms 4, 8, 16 (times sqrt 6, which cancels)
-    per_rank = [(4 * 1 + 8 * 2 + 16 * 4) / 28, (4 * 1 + 8 * 2) / 12, 1.0, 1.0]
+    per_rank = [(4 * 1 + 8 * 2 + 16 * 4) / 28, (4 * 1 + 8 * 2) / 28, 4 / 28, 4 / 28]
     np.testing.assert_allclose(new["m"][0][:, 0].numpy(), per_rank, atol=1e-12)
     np.testing.assert_allclose(new["m"][1][0].numpy(), per_rank, atol=1e-12)
+
+
+def test_hetlora_self_pruning():
+    m = HetLoRA(make_ctx(options={"clients_per_round": 3, "client_ranks": [4, 2, 1], "hetlora_decay": 0.5,
+                                  "hetlora_prune_lambda": 0.1}))
+    state = {"m": (torch.ones(4, 2, dtype=T), torch.ones(3, 4, dtype=T))}
+    job = m.configure_round(1, state).jobs[0]
+    # the regularizer: lambda ||B[:, t:]||_F ||A[t:, :]||_F, t = floor(0.5 * 4) = 2
+    assert float(job.regularizer(job.start)) == pytest.approx(0.1 * math.sqrt(6) * 2)
+    a, b = job.start["m"]
+    grown = {"m": (a * 2, b * 2)}
+    assert m.client_payload(job, grown)["m.A"].shape == (4, 2)  # tail grew: all 4 ranks, no pruning
+    shrunk_a, shrunk_b = a + 0.25, b.clone()
+    shrunk_a[2:] = 0.5
+    payload = m.client_payload(job, {"m": (shrunk_a, shrunk_b)})  # tail shrank: keep floor(0.5 * 4) = 2
+    assert payload["m.A"].shape == (2, 2) and payload["m.B"].shape == (3, 2)
+    np.testing.assert_allclose(payload["m.A"].numpy(), 0.25)
+    jobs = {0: job}
+    new = m.aggregate(1, state, jobs, {0: payload})
+    np.testing.assert_allclose(new["m"][0][:, 0].numpy(), [1.25, 1.25, 0.0, 0.0])  # pruned ranks padded with 0
+    assert m.ranks.tolist() == [2, 2, 1]  # client 0 keeps its new rank
+    assert m.configure_round(2, new).jobs[0].start["m"][0].shape == (2, 2)
+    assert pruned_rank(8, 0.99, 1) == 7 and pruned_rank(1, 0.5, 1) == 1 and pruned_rank(3, 0.5, 2) == 2
+    restored = HetLoRA(m.ctx)
+    restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
+    assert restored.ranks.tolist() == [2, 2, 1]
+
+
+def test_hetlora_rank_average_variant():
+    """The later variant: each rank averaged over the clients holding it, unheld ranks kept."""
+    m = HetLoRARankAverage(make_ctx(options={"clients_per_round": 3, "client_ranks": [4, 2, 1]}))
+    _, state, jobs, payloads = _het_setup("data_share")
+    assert all(j.regularizer is None for j in m.configure_round(1, state).jobs)  # no pruning
+    new = m.aggregate(1, state, jobs, payloads)
+    per_rank = [(0.5 * 1 + 0.3 * 2 + 0.2 * 4) / 1.0, (0.5 * 1 + 0.3 * 2) / 0.8, 1.0, 1.0]
+    np.testing.assert_allclose(new["m"][0].numpy(), np.repeat(np.array(per_rank)[:, None], 2, 1), atol=1e-12)
+    np.testing.assert_allclose(new["m"][1].numpy(), np.repeat(np.array(per_rank)[None, :], 3, 0), atol=1e-12)
+    new2 = m.aggregate(1, ones_state(5.0), {1: jobs[1], 2: jobs[2]}, {1: payloads[1], 2: payloads[2]})
+    assert torch.all(new2["m"][0][2:] == 5.0) and torch.all(new2["m"][1][:, 2:] == 5.0)
+    np.testing.assert_allclose(new2["m"][0][0].numpy(), 5 + (0.3 * 2 + 0.2 * 4) / 0.5)
 
 
 # ------------------------------------------------------------------ FLoRA
@@ -291,23 +336,28 @@ def test_sampling_baselines_advertised_q_and_s():
         m = cls(ctx)
         assert m.participation_prob.tolist() == q and m.ranks.tolist() == [4] * 4
         assert m.plan()["sketch_ratio"] == [1.0] * 4
-    u = SampleUniform(ctx)
-    assert np.all((u.participation_prob >= 0.05) & (u.participation_prob <= 1.0)) and u.ranks.tolist() == [4] * 4
-    assert np.array_equal(SampleUniform(ctx).participation_prob, u.participation_prob)  # seeded
-    other = SampleUniform(make_ctx(shares, seed=1))
-    assert not np.array_equal(other.participation_prob, u.participation_prob)
-    w = SampleWeighted(ctx)
-    np.testing.assert_allclose(w.participation_prob, np.array(shares) / 0.5)  # sum = 0.5 N = 2, q prop. to p
-    assert w.ranks.tolist() == [4] * 4
-
-    class Planned(SampleWeighted):
-        def expected_participants(self):
-            return 1.0
-
-    np.testing.assert_allclose(Planned(ctx).participation_prob, shares)
-    big = make_ctx((1 / 400,) * 400)
-    draws = SampleUniform(big).participation_prob
-    assert draws.min() >= 0.05 and abs(draws.mean() - 0.525) < 0.05
+    # uniform and weighted: as many expected participants as the matched planned method's first plan
+    ten = (0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.05, 0.03, 0.02, 0.01)
+    seen = set()
+    for match, cls in (("proposed", Proposed), ("proposed_q", ProposedQ)):
+        c = make_ctx(ten, system={"bandwidth_hz": 10.0}, sampling={"match": match})
+        e = float(cls(c).participation_prob.sum())
+        assert 2 < e < 8  # a plan that samples: the match is not trivially everybody
+        seen.add(round(e, 6))
+        u, w = SampleUniform(c), SampleWeighted(c)
+        np.testing.assert_allclose(u.participation_prob, e / 10)  # identical across clients
+        assert u.ranks.tolist() == [4] * 10 and w.ranks.tolist() == [4] * 10
+        assert w.participation_prob.sum() == pytest.approx(e)
+        free = w.participation_prob < 1  # proportional to p where not capped at 1
+        np.testing.assert_allclose(w.participation_prob[free] / np.array(ten)[free],
+                                   w.participation_prob[free][0] / ten[int(np.argmax(free))])
+    assert len(seen) == 2  # proposed and proposed_q plan different q: each baseline matches its own
+    given = make_ctx(shares, sampling={"expected_participants": 1.0})
+    np.testing.assert_allclose(SampleWeighted(given).participation_prob, shares)
+    np.testing.assert_allclose(SampleUniform(given).participation_prob, 0.25)
+    numbers = make_ctx(shares, planner={"constants": {"alpha": 10.0, "beta": 1.0, "gamma": 0.2, "delta": 1.0}})
+    planned = Proposed(dataclasses.replace(numbers, constants=numbers.cfg.planner.constants.bound_constants()))
+    assert SampleUniform(numbers).participation_prob.sum() == pytest.approx(planned.participation_prob.sum())
 
 
 def test_rank_baselines_advertised_q_and_s():
@@ -370,15 +420,25 @@ def test_real_run(setup, tmp_path, name):
         if ids:
             assert math.isfinite(row["train_loss"])
         assert row["rejected"] == []
-        assert row["upload_bytes"] == sum(plan["ranks"][i] for i in ids) * per_rank * bpv
+        if name == "hetlora":  # self-pruning may cut a rank from an upload
+            assert row["upload_bytes"] <= sum(plan["ranks"][i] for i in ids) * per_rank * bpv
+        else:
+            assert row["upload_bytes"] == sum(plan["ranks"][i] for i in ids) * per_rank * bpv
+        eff = np.array([setup.profiles[i].bits_per_s_per_hz for i in ids])
+        band = cfg.system.downlink_band_hz
         if name == "flora":
             down = sum(RANKS[i] for i in prev) * per_rank
         elif name == "flexlora":
             down = sum(RANKS[i] for i in ids) * per_rank
             assert row["server_time_s"] > 0
+            # unicasts sharing the downlink band: sum_i bits_i / e_i / B
+            unicast_s = sum(RANKS[i] * per_rank * bpv * 8 / e for i, e in zip(ids, eff)) / band
+            assert row["download_time_s"] == pytest.approx(unicast_s, rel=1e-12)
         else:
             down = r * per_rank
         assert row["download_bytes"] == down * bpv
+        if name != "flexlora" and ids:  # one broadcast at the weakest receiver's rate
+            assert row["download_time_s"] == pytest.approx(down * bpv * 8 / (band * eff.min()), rel=1e-12)
         if name in ("fslora", "hetlora", "flora", "flexlora"):
             assert len(ids) == 2 and plan["ranks"] == RANKS
         prev = ids

@@ -12,6 +12,7 @@ from fedlora.system import (
     ClientProfile,
     ComputeModel,
     channel_profiles,
+    downlink_time_s,
     equal_finish_allocation,
     equal_split_allocation,
     expected_max_compute_s,
@@ -329,3 +330,20 @@ def test_round_time_bound_dominates_monte_carlo(seed):
     # The bound is exactly the expectation of the per-round bound (checks the formula).
     se_b = per_round_bound.std(ddof=1) / math.sqrt(rounds)
     assert abs(per_round_bound.mean() - bound) < 4 * se_b
+
+
+def test_downlink_time_broadcast_at_weakest_then_unicasts_share_the_band():
+    eff = np.array([4.0, 1.0, 2.0])
+    # broadcast 8e5 bits at min e = 1 over 2e5 Hz: 4 s; unicasts 4e5, 1e5, 2e5 bits: (1e5 + 1e5 + 1e5) / 2e5 = 1.5 s
+    assert downlink_time_s(8e5, [4e5, 1e5, 2e5], eff, 2e5) == pytest.approx(4.0 + 1.5)
+    assert downlink_time_s(8e5, 0.0, eff[[0, 2]], 2e5) == pytest.approx(8e5 / (2e5 * 2.0))
+    assert downlink_time_s(8e5, [], np.zeros(0), 2e5) == 0.0  # nobody to send to
+    # the unicast term is the equal-finish split of the band (no compute), the best split
+    bits = np.array([3e5, 5e4, 7e5])
+    t_eq, _ = equal_finish_allocation(np.zeros(3), bits / eff, 2e5)
+    assert downlink_time_s(0.0, bits, eff, 2e5) == pytest.approx(t_eq)
+    with pytest.raises(ValueError):
+        downlink_time_s(1.0, [1.0], [0.0], 2e5)
+    with pytest.raises(ValueError):
+        downlink_time_s(1.0, [1.0], [1.0], 0.0)
+

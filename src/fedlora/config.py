@@ -110,12 +110,21 @@ class ProfilesConfig(_Strict):
 
 class SystemConfig(_Strict):
     bandwidth_hz: float = Field(1e6, gt=0)  # total uplink bandwidth shared by sampled clients
-    downlink_bps: float = Field(1e8, gt=0)  # server broadcast rate
+    # downlink (docs/system.md): the server's broadcast and unicasts share downlink_hz (None:
+    # the uplink's bandwidth_hz, one band time-shared by both directions); each client receives
+    # at its own profile's spectral efficiency unless downlink_bits_per_s_per_hz is given
+    downlink_hz: float | None = Field(None, gt=0)
+    downlink_bits_per_s_per_hz: float | None = Field(None, gt=0)
     allocation: Literal["equal_finish", "equal_split"] = "equal_finish"
     bytes_per_value: Literal[2, 4] = 4
     server_flops_hz: float = Field(1e11, gt=0)  # server arithmetic rate: server-side work (FlexLoRA's SVDs) on the clock
     compute_model: ComputeModelConfig = ComputeModelConfig()
     profiles: ProfilesConfig = ProfilesConfig()
+
+    @property
+    def downlink_band_hz(self) -> float:
+        """downlink_hz, or the uplink's bandwidth_hz when not given."""
+        return float(self.downlink_hz if self.downlink_hz is not None else self.bandwidth_hz)
 
 
 class RandomRule(_Strict):
@@ -143,6 +152,11 @@ def _check_unit_interval(name: str, v):
 
 class SamplingConfig(_Strict):
     participation_prob: ProbSpec = 1.0
+    # sample_uniform / sample_weighted (seed 001's sampling baselines): their q sums to the
+    # expected participants of the planned method they are compared with, `match`'s starting
+    # plan, unless expected_participants gives the number (docs/baselines.md)
+    match: Literal["proposed", "proposed_q", "proposed_relaxed"] = "proposed"
+    expected_participants: float | None = Field(None, gt=0)
 
     @field_validator("participation_prob")
     @classmethod
@@ -200,6 +214,12 @@ class ConstantsConfig(_Strict):
     planning_time_s: float = Field(0.0, ge=0)
     source: Literal["given", "pilots"] = "given"  # pilots: estimated from this seed's pilot runs (fedlora study)
 
+    def bound_constants(self):
+        """These numbers as the planner's BoundConstants."""
+        from .planner import BoundConstants
+
+        return BoundConstants(alpha=self.alpha, beta=self.beta, gamma=self.gamma, delta=self.delta)
+
 
 class OnlineConfig(_Strict):
     """Online planning (docs/theory.md section 8): the run learns its rounds model from its own
@@ -242,7 +262,14 @@ class MethodOptions(_Strict):
 
     clients_per_round: int | None = Field(None, ge=1)  # fslora: fixed-size sampled set
     client_ranks: list[int] | None = None  # hetlora/flora/flexlora: rank per client (None: from sketch.ratio)
-    hetlora_weighting: Literal["uniform", "norm"] = "uniform"
+    # hetlora (Cho et al. 2024): aggregation weights ("norm": the paper's sparsity weighting by
+    # ||B_i A_i||_F; "data_share": p_i), both normalised over the round's sampled clients; rank
+    # self-pruning with the paper's tail regularizer and decay factor
+    hetlora_weighting: Literal["norm", "data_share"] = "norm"
+    hetlora_pruning: bool = True
+    hetlora_decay: float = Field(0.99, gt=0, lt=1)
+    hetlora_prune_lambda: float = Field(0.01, ge=0)
+    hetlora_min_rank: int = Field(1, ge=1)
     soft_lambda: float = Field(0.01, ge=0)
     soft_rho: float = Field(0.5, gt=0, le=1)
     soft_a_penalty: Literal["full", "offdiag", "none"] = "full"  # ||A A^T - I||^2 (or its off-diagonal part)

@@ -31,7 +31,7 @@ from .methods import METHODS, MethodContext, get_method
 from .methods.base import Method, payload_values
 from .model import Engine, ModelError, ModelSpec
 from .sketch import payload_values as rank_payload_values
-from .system import (ClientProfile, ComputeModel, channel_profiles, equal_finish_allocation,
+from .system import (ClientProfile, ComputeModel, channel_profiles, downlink_time_s, equal_finish_allocation,
                      equal_split_allocation, generate_profiles, rayleigh_fading)
 
 STREAM_DATA, STREAM_PROFILES, STREAM_EVAL, STREAM_INIT, STREAM_BATCH, STREAM_FADING, STREAM_PROBE = 1, 2, 3, 4, 5, 6, 7
@@ -85,11 +85,9 @@ class Setup:
 def constants_from_config(cfg: RunConfig):
     """BoundConstants when planner.constants gives numbers, else None (online or pilots)."""
     from .config import ConstantsConfig
-    from .planner import BoundConstants
 
     c = cfg.planner.constants
-    return BoundConstants(alpha=c.alpha, beta=c.beta, gamma=c.gamma, delta=c.delta) \
-        if isinstance(c, ConstantsConfig) else None
+    return c.bound_constants() if isinstance(c, ConstantsConfig) else None
 
 
 def model_spec(cfg: RunConfig) -> ModelSpec:
@@ -261,7 +259,7 @@ def unflatten_state(flat: dict[str, torch.Tensor]):
 
 
 class RoundClock:
-    """Simulated seconds of one round: broadcast + (compute, upload) under the allocation + server."""
+    """Simulated seconds of one round: download + (compute, upload) under the allocation + server."""
 
     def __init__(self, setup: Setup):
         cfg = setup.cfg
@@ -272,7 +270,7 @@ class RoundClock:
         self.allocate = equal_finish_allocation if cfg.system.allocation == "equal_finish" else equal_split_allocation
 
     def round_time(self, round_idx: int, ids: list[int], ratios: list[float], upload_bits: list[float],
-                   download_bits: float, server_s: float) -> dict:
+                   broadcast_bits: float, unicast_bits: list[float], server_s: float) -> dict:
         sys = self.cfg.system
         eff = self.eff[ids]
         if sys.profiles.fading and ids:
@@ -284,7 +282,8 @@ class RoundClock:
             t_train, _ = self.allocate(np.asarray(t_cp, float), t_cm, sys.bandwidth_hz)
         else:
             t_train = 0.0
-        download_s = download_bits / sys.downlink_bps
+        eff_dl = eff if sys.downlink_bits_per_s_per_hz is None else np.full(len(ids), sys.downlink_bits_per_s_per_hz)
+        download_s = downlink_time_s(broadcast_bits, unicast_bits, eff_dl, sys.downlink_band_hz)
         return {"round_time_s": float(download_s + t_train + server_s), "download_time_s": float(download_s),
                 "train_upload_time_s": float(t_train), "server_time_s": float(server_s),
                 "max_compute_time_s": float(np.max(t_cp)) if ids else 0.0}
@@ -403,9 +402,11 @@ def close_round(setup: Setup, method: Method, clock: RoundClock, prog: dict, t: 
     rounds = cfg.train.rounds
     state = method.aggregate(t, state, jobs, payloads)
     ids = sorted(jobs)
-    download_values = rc.broadcast_values + sum(j.unicast_values for j in jobs.values())
+    bits = bytes_per_value * 8
     times = clock.round_time(t, ids, [jobs[i].compute_ratio for i in ids], [upload_bits[i] for i in ids],
-                             download_values * bytes_per_value * 8, method.server_time_s())
+                             rc.broadcast_values * bits if ids else 0.0, [jobs[i].unicast_values * bits for i in ids],
+                             method.server_time_s())
+    download_values = (rc.broadcast_values if ids else 0) + sum(j.unicast_values for j in jobs.values())
     before_s = prog["sim_time_s"]
     prog["sim_time_s"] += times["round_time_s"]
     up = int(sum(upload_bits[i] for i in jobs) // 8)

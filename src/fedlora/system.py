@@ -32,6 +32,7 @@ __all__ = [
     "path_loss_db",
     "rayleigh_fading",
     "upload_s_hz",
+    "downlink_time_s",
     "equal_finish_allocation",
     "equal_split_allocation",
     "expected_max_compute_s",
@@ -280,6 +281,30 @@ def upload_s_hz(upload_bits, bits_per_s_per_hz, ratio=1.0):
     t = np.asarray(ratio, dtype=np.float64) * np.asarray(upload_bits, dtype=np.float64) / np.asarray(
         bits_per_s_per_hz, dtype=np.float64)
     return float(t) if t.ndim == 0 else t
+
+
+def downlink_time_s(broadcast_bits: float, unicast_bits, bits_per_s_per_hz, downlink_hz: float) -> float:
+    """Seconds to deliver a round's download to its clients over one downlink band.
+
+    One broadcast reaches every listed client at the weakest one's rate (a multicast is sent
+    at a rate all its receivers decode), then the unicasts share the band; with the band split
+    so that they all finish together, they take sum_i bits_i / e_i / B (docs/system.md):
+
+        T_dl = broadcast_bits / (B min_i e_i) + sum_i unicast_bits_i / (e_i B).
+
+    No clients: nothing is sent (0 s)."""
+    e = np.atleast_1d(np.asarray(bits_per_s_per_hz, dtype=np.float64))
+    u = np.broadcast_to(np.asarray(unicast_bits, dtype=np.float64), e.shape)
+    bw = float(downlink_hz)
+    if not (math.isfinite(bw) and bw > 0):
+        raise ValueError(f"downlink_hz must be a finite positive number, got {downlink_hz!r}")
+    if e.size == 0:
+        return 0.0
+    if not (np.all(np.isfinite(e)) and np.all(e > 0)):
+        raise ValueError("bits_per_s_per_hz must be finite and > 0")
+    if not (math.isfinite(broadcast_bits) and broadcast_bits >= 0 and np.all(u >= 0)):
+        raise ValueError("download sizes must be finite and >= 0")
+    return float(broadcast_bits / (bw * e.min()) + np.sum(u / e) / bw)
 
 
 # --------------------------------------------------------------------------- allocation

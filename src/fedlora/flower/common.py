@@ -14,6 +14,7 @@ Node config keys: partition-id (the fedlora client id), num-partitions (= data.n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shlex
@@ -133,27 +134,28 @@ def indices_list(idx) -> list[int]:
     return [] if idx is None else [int(i) for i in np.asarray(idx).ravel()]
 
 
-# SOFT's regularizer travels as its plain numbers in the job's ConfigRecord; the node
-# rebuilds it with the function the method uses (methods.soft.orthogonality_regularizer).
-REGULARIZER_KEYS = ("reg-lambda", "reg-a-penalty", "reg-b-penalty")
+# A job's regularizer (SOFT's orthogonality penalty, HetLoRA's tail penalty) is a frozen
+# dataclass of plain numbers; it travels as its kind and fields in the job's ConfigRecord and
+# the node rebuilds the same object.
+def _regularizer_classes() -> dict:
+    from ..methods.hetlora import TailRegularizer
+    from ..methods.soft import OrthogonalityRegularizer
+
+    return {cls.kind: cls for cls in (OrthogonalityRegularizer, TailRegularizer)}
 
 
 def regularizer_config(reg) -> dict:
     """ConfigRecord entries that define a job's regularizer ({} for none)."""
-    from ..methods.soft import OrthogonalityRegularizer
-
     if reg is None:
         return {}
-    if not isinstance(reg, OrthogonalityRegularizer):
+    if type(reg) not in _regularizer_classes().values():
         raise TypeError(f"regularizer {reg!r} cannot be sent in a Flower message")
-    return dict(zip(REGULARIZER_KEYS, (float(reg.lam), reg.a_mode, reg.b_mode)))
+    return {"reg-kind": reg.kind, **{f"reg-{f.name}": getattr(reg, f.name) for f in dataclasses.fields(reg)}}
 
 
 def regularizer_from_config(job_cfg):
     """The regularizer a job's ConfigRecord defines (None for none)."""
-    from ..methods.soft import orthogonality_regularizer
-
-    if REGULARIZER_KEYS[0] not in job_cfg:
+    if "reg-kind" not in job_cfg:
         return None
-    lam, a_mode, b_mode = (job_cfg[k] for k in REGULARIZER_KEYS)
-    return orthogonality_regularizer(float(lam), str(a_mode), str(b_mode))
+    cls = _regularizer_classes()[str(job_cfg["reg-kind"])]
+    return cls(**{f.name: job_cfg[f"reg-{f.name}"] for f in dataclasses.fields(cls)})

@@ -7,6 +7,7 @@ from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .fslora import FSLoRA
 from .hetlora import HetLoRA
+from .hetlora_rank_avg import HetLoRARankAverage
 from .manual import IndependentSketch
 from .planned_ablations import ProposedQ, ProposedS
 from .proposed import Proposed
@@ -19,6 +20,7 @@ from .tsfa import Tsfa
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     Proposed, IndependentSketch,  # seed 001: Algorithm 1 + 2, and Algorithm 1 with q, s given
     FSLoRA, HetLoRA, FLoRA, FlexLoRA,  # heterogeneous-rank federated LoRA baselines
+    HetLoRARankAverage,  # a later variant of HetLoRA's aggregation (per-rank average), labelled as such
     ProposedQ, ProposedS,  # seed 001: the planner's q half and s half alone (Figs. 2, 3)
     ProposedRelaxed, ProposedSRelaxed,  # the same planners, Appendix-C bound relaxed for large clients (ours)
     SampleFull, SampleFixed, SampleUniform, SampleWeighted,  # seed 001 section VI-A

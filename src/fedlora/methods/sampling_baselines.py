@@ -6,27 +6,27 @@ client at full rank, s_i = 1; only the participation probabilities q differ:
 
   * sample_full:     q_i = 1 (everyone, every round).
   * sample_fixed:    q_i = 0.5.
-  * sample_uniform:  q_i ~ U[0.05, 1], one draw per client for the whole run, seeded by
-    (seed, the q stream). The seed says U(0, 1]; we floor it at 0.05 by drawing from
-    U[0.05, 1] (no atom at the floor) because the unbiased weight p_i / q_i explodes as
-    q_i -> 0: one rare participant with q = 0.001 would be scaled by 1000.
+  * sample_uniform:  one q for every client (the seed: fixed and uniform sampling "assign
+    identical participation probabilities to all clients"), q = E / N;
   * sample_weighted: q_i proportional to p_i (water-filled at 1, base.weighted_probabilities),
-    scaled so that sum_i q_i = expected_participants(). As in the seed, that is the
-    proposed plan's expected participants when planner constants are given as numbers
-    (planner.constants); else `sampling.participation_prob.expected_participants` when the
-    config gives a "weighted" rule with that field; else 0.5 N (as many expected
-    participants as sample_fixed).
+    sum_i q_i = E.
+
+E, the expected participants per round, is that of the planned method the baseline is
+compared with (as in the seed): `sampling.expected_participants` when given, else the
+starting plan of the method named by `sampling.match` (`proposed` by default; the sampling
+study sets `proposed_q`): its round-1 plan, from the constants when `planner.constants`
+gives numbers, else from the online prior (the pilots of `planner.constants: pilots` are
+not run for a baseline). Online re-plans move a run's expected participants afterwards (by under 15 %
+in the online study, docs/results.md); matching the starting plan keeps the baseline fixed
+and known before it runs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..config import RandomRule
-from .base import per_client_values, weighted_probabilities
-from .manual import STREAM_Q, IndependentSketch
-
-UNIFORM_Q_FLOOR = 0.05
+from .base import weighted_probabilities
+from .manual import IndependentSketch
 
 
 class SampleFull(IndependentSketch):
@@ -47,30 +47,32 @@ class SampleFixed(IndependentSketch):
         return np.full(n, 0.5), np.ones(n)
 
 
+def matched_participants(ctx) -> float:
+    """E: `sampling.expected_participants`, else the sum of q of `sampling.match`'s round-1 plan."""
+    from dataclasses import replace
+
+    from ..config import ConstantsConfig
+    from . import get_method
+
+    spec, constants = ctx.cfg.sampling, ctx.cfg.planner.constants
+    if spec.expected_participants is not None:
+        return min(float(spec.expected_participants), float(ctx.num_clients))
+    given = constants.bound_constants() if isinstance(constants, ConstantsConfig) else None
+    return float(get_method(spec.match)(replace(ctx, constants=given)).participation_prob.sum())
+
+
 class SampleUniform(IndependentSketch):
     name = "sample_uniform"
-    summary = "seed 001 baseline: q_i ~ U[0.05, 1] per client (seeded), full rank s = 1"
+    summary = "seed 001 baseline: one q for every client, as many expected participants as the planned method, s = 1"
 
     def choose_q_s(self):
-        rule = RandomRule(rule="uniform", low=UNIFORM_Q_FLOOR, high=1.0)
-        return per_client_values(rule, self.ctx, purpose=STREAM_Q), np.ones(self.ctx.num_clients)
+        n = self.ctx.num_clients
+        return np.full(n, matched_participants(self.ctx) / n), np.ones(n)
 
 
 class SampleWeighted(IndependentSketch):
     name = "sample_weighted"
-    summary = "seed 001 baseline: q_i proportional to data share p_i (sum q = expected participants), s = 1"
-
-    def expected_participants(self) -> float:
-        """Target sum of q: the proposed plan's when constants are given; else see the docstring."""
-        if self.ctx.constants is not None:
-            from .proposed import Proposed
-
-            return float(Proposed(self.ctx).participation_prob.sum())
-        spec = self.ctx.cfg.sampling.participation_prob
-        if isinstance(spec, RandomRule) and spec.rule == "weighted" and spec.expected_participants is not None:
-            return float(spec.expected_participants)
-        return 0.5 * self.ctx.num_clients
+    summary = "seed 001 baseline: q_i proportional to data share p_i, as many expected participants as the planned method, s = 1"
 
     def choose_q_s(self):
-        q = weighted_probabilities(self.ctx.data_share, self.expected_participants())
-        return q, np.ones(self.ctx.num_clients)
+        return weighted_probabilities(self.ctx.data_share, matched_participants(self.ctx)), np.ones(self.ctx.num_clients)

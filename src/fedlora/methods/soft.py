@@ -17,6 +17,7 @@ federated LoRA with unbiased independent sampling).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ class OrthogonalityRegularizer:
     """The client regularizer lambda * orthogonality penalty of the live factors. Plain
     numbers, not a closure, so that another engine (Flower) can send it and rebuild it."""
 
+    kind: ClassVar[str] = "soft-orthogonality"
     lam: float
     a_mode: str
     b_mode: str
