@@ -60,7 +60,7 @@ def check_plan_constraints(pl: Plan, pr: PlanProblem) -> None:
     assert math.isfinite(pl.objective) and pl.objective > 0
     assert pl.objective == pytest.approx(objective(q, s, pr), rel=1e-12)
     assert pl.rounds_factor == pytest.approx(rounds_factor(q, s, pr.data_share, pr.constants), rel=1e-12)
-    tb = round_time_bound_s(pr.compute_s(s), pr.upload_s_hz_at(s), q, pr.bandwidth_hz)
+    tb = round_time_bound_s(pr.compute_s(s), pr.upload_s_hz_at(s), q, pr.bandwidth_hz, pr.download_s)
     assert pl.expected_round_time_s == pytest.approx(tb, rel=1e-12)
     assert pl.iterations >= 1
 
@@ -93,14 +93,13 @@ def brute_force(pr: PlanProblem, step=0.05, *, full_rank=False, fixed_q=None):
         Y = P @ (s ** -th_y)
         den = kc.beta - kc.gamma * Y
         R = np.where(den > 0, (kc.alpha + kc.delta * X) / np.where(den > 0, den, 1.0), np.inf)
-        t = pr.compute_s(s)
-        order = np.argsort(t, kind="stable")
-        E = np.zeros(len(Q))
-        suf = np.ones(len(Q))
-        for j in order[::-1]:
-            E += t[j] * Q[:, j] * suf
-            suf *= 1 - Q[:, j]
-        T = E + Q @ (pr.upload_s_hz_at(s) / pr.bandwidth_hz)
+        T = Q @ (pr.upload_s_hz_at(s) / pr.bandwidth_hz)
+        for t in (pr.compute_s(s), pr.download_s):  # E[max_S t_cp] + E[max_S t_dl]
+            order = np.argsort(t, kind="stable")
+            suf = np.ones(len(Q))
+            for j in order[::-1]:
+                T = T + t[j] * Q[:, j] * suf
+                suf = suf * (1 - Q[:, j])
         F = np.where(ok, R * T, np.inf)
         i = int(np.argmin(F))
         if F[i] < best[0]:
@@ -141,6 +140,9 @@ def _f_and_grad(pr: PlanProblem, q, s):
     dEq = _emax_rows(t, Q1)[0] - _emax_rows(t, Q0)[0]
     dEt = np.empty(n)
     dEt[order] = q[order] * suf[0]
+    dl = pr.download_s
+    E += float(_emax_rows(dl, q[None, :])[0][0])  # the broadcast: E[max_S t_dl], independent of s
+    dEq += _emax_rows(dl, Q1)[0] - _emax_rows(dl, Q0)[0]
     T = E + np.sum(q * s * ub)
     R = num / den
     dR_dq = (-kc.delta * p2 / q ** 2) / den - num * kc.gamma * p2 / (q ** 2 * s) / den ** 2
@@ -240,6 +242,62 @@ def test_theorem2_bound_dominates_monte_carlo(seed):
     assert mean <= bound + 3 * se
     # and the first term alone (exact E[max t_cp]) is a lower bound
     assert expected_max_compute_s(pr.compute_s(s), q) <= mean + 3 * se
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_theorem2_bound_with_broadcast_dominates_monte_carlo(seed):
+    rng = np.random.default_rng(200 + seed)
+    n = int(rng.integers(2, 10))
+    pr = dataclasses.replace(make_problem(n, 200 + seed, r=8), download_s=5.0 * np.exp(rng.standard_normal(n)))
+    q = rng.uniform(0.05, 1.0, n)
+    s = rng.integers(1, 9, n) / 8
+    bound = pr.round_time_bound_s(q, s)
+    assert bound == pytest.approx(expected_max_compute_s(pr.download_s, q)
+                                  + round_time_bound_s(pr.compute_s(s), pr.upload_s_hz_at(s), q, pr.bandwidth_hz))
+    mean, se = monte_carlo_round_time_s(q, s, pr, rounds=3000, seed=seed)
+    assert mean <= bound + 3 * se
+    # the broadcast term alone (exact) is a lower bound
+    assert expected_max_compute_s(pr.download_s, q) <= mean + 3 * se
+
+
+def with_downloads(pr: PlanProblem, seed: int, scale: float = 1.0) -> PlanProblem:
+    """The same problem with a broadcast whose per-client time follows the link (slow uploaders
+    are slow receivers), `scale` x the median compute time."""
+    rng = np.random.default_rng(500 + seed)
+    dl = pr.upload_s_hz / np.median(pr.upload_s_hz) * np.exp(0.3 * rng.standard_normal(pr.num_clients))
+    return dataclasses.replace(pr, download_s=scale * np.median(pr.compute_time_s) * dl)
+
+
+@pytest.mark.parametrize("n,seed,r,gamma,cm,bw,scale", [
+    (3, 0, 4, 0.05, LINEAR, 1.0, 0.5), (3, 1, 4, 0.3, ComputeModel("affine", 0.3), 0.1, 1.0),
+    (3, 2, 4, 0.6, LINEAR, 10.0, 2.0), (4, 4, 3, 0.1, LINEAR, 1.0, 1.0)])
+def test_plan_with_broadcast_matches_brute_force(n, seed, r, gamma, cm, bw, scale):
+    pr = with_downloads(make_problem(n, seed, r=r, gamma=gamma, cm=cm, bw=bw, comp_sigma=0.8, link_sigma=1.2,
+                                     dir_a=2.0), seed, scale)
+    best, _q, _k = brute_force(pr)
+    pl = plan(pr)
+    check_plan_constraints(pl, pr)
+    assert pl.objective <= 1.02 * best, (pl.objective, best, pl.ranks, _k)
+    assert plan_participation(pr).objective <= 1.02 * brute_force(pr, full_rank=True)[0]
+
+
+def test_plan_with_broadcast_matches_multistart_n20():
+    pr = with_downloads(make_problem(20, 3, r=8, gamma=0.05, cm=ComputeModel("affine", 0.3), bw=0.5), 3, 1.0)
+    pl = plan(pr)
+    check_plan_constraints(pl, pr)
+    ref, _q, _k = multistart(pr, restarts=10, seed=3)
+    assert pl.objective <= 1.02 * ref, (pl.objective, ref)
+
+
+def test_a_slow_receiver_is_sampled_less_once_the_broadcast_counts():
+    """Two identical clients but for the downlink: the one that receives the broadcast slowly
+    makes every round it joins longer, so the plan gives it a lower q."""
+    pr = PlanProblem([0.25] * 4, [10.0] * 4, [5.0] * 4, 1.0, 4, LINEAR, BoundConstants(1.0, 1.0, 0.05, 1.0),
+                     download_s=[1.0, 1.0, 1.0, 20.0])
+    q = plan(pr).participation_prob
+    assert q[3] < q[0] - 0.05 and q[0] == pytest.approx(q[1]) == pytest.approx(q[2])
+    alike = plan(dataclasses.replace(pr, download_s=None)).participation_prob  # without it: all alike
+    assert np.all(alike == pytest.approx(alike[0]))
 
 
 def test_monte_carlo_is_reproducible_and_counts_empty_rounds():

@@ -206,6 +206,9 @@ class PlanProblem:
       the others keep the bound, and the plan must still meet gamma Y < beta (finite R).
     min_participation: a floor on every q_i (scalar or per client, in [Q_FLOOR, 1]): the
       exploration floor of online planning, so that every client is seen now and then.
+    download_s: t_dl_i >= 0, client i's time to receive the round's broadcast alone (docs/
+      system.md, Downlink); the broadcast goes at the weakest participant's rate, so the
+      round time gains E[max_{i in S} t_dl_i]. None: no download term (the seed's bound).
     """
 
     data_share: np.ndarray
@@ -217,6 +220,7 @@ class PlanProblem:
     constants: BoundConstants | RoundsModel
     pin_large_clients: bool = False
     min_participation: float | np.ndarray = Q_FLOOR
+    download_s: np.ndarray | None = None
     model: RoundsModel = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -257,6 +261,10 @@ class PlanProblem:
         floor = _vector("min_participation", self.min_participation, n)
         if np.any(floor < Q_FLOOR) or np.any(floor > 1):
             raise ValueError(f"min_participation must lie in [{Q_FLOOR}, 1]")
+        dl = np.zeros(n) if self.download_s is None else _vector("download_s", self.download_s, n)
+        if np.any(dl < 0):
+            raise ValueError("download_s must be >= 0")
+        object.__setattr__(self, "download_s", _frozen(dl))
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "min_participation", _frozen(floor))
         object.__setattr__(self, "data_share", _frozen(p))
@@ -283,6 +291,10 @@ class PlanProblem:
         """R(q, s) of this problem's rounds model (+inf when its denominator is <= 0)."""
         n = self.num_clients
         return self.model.value(_check_q(q, n), _check_s(s, n), self.data_share)
+
+    def round_time_bound_s(self, q, s) -> float:
+        """Theorem-2 bound on E[T] at (q, s), the broadcast included (system.round_time_bound_s)."""
+        return round_time_bound_s(self.compute_s(s), self.upload_s_hz_at(s), q, self.bandwidth_hz, self.download_s)
 
 
 @dataclass(frozen=True)
@@ -365,8 +377,7 @@ def objective(q, s, problem: PlanProblem) -> float:
     r = problem.model.value(q, s, problem.data_share)
     if not math.isfinite(r):
         return math.inf
-    t = round_time_bound_s(problem.compute_s(s), problem.upload_s_hz_at(s), q, problem.bandwidth_hz)
-    return r * t
+    return r * problem.round_time_bound_s(q, s)
 
 
 def check_feasible(problem: PlanProblem) -> None:
@@ -399,7 +410,8 @@ def check_feasible(problem: PlanProblem) -> None:
 
 def monte_carlo_round_time_s(q, s, problem: PlanProblem, *, rounds: int, seed: int) -> tuple[float, float]:
     """Mean and standard error of the true round time T under independent Bernoulli(q_i)
-    sampling and the equal-finish bandwidth split (system.equal_finish_allocation).
+    sampling: the broadcast at the weakest participant's rate, then the equal-finish
+    bandwidth split (system.equal_finish_allocation).
     An empty round counts as T = 0 (the Theorem-2 bound makes the same convention)."""
     n = problem.num_clients
     q = _check_q(q, n)
@@ -415,7 +427,8 @@ def monte_carlo_round_time_s(q, s, problem: PlanProblem, *, rounds: int, seed: i
     for j in range(rounds):
         idx = np.flatnonzero(masks[j])
         if idx.size:
-            times[j] = equal_finish_allocation(tcp[idx], tcm[idx], problem.bandwidth_hz)[0]
+            times[j] = problem.download_s[idx].max() + equal_finish_allocation(tcp[idx], tcm[idx],
+                                                                               problem.bandwidth_hz)[0]
     return float(times.mean()), float(times.std(ddof=1) / math.sqrt(rounds))
 
 
@@ -503,6 +516,8 @@ class _Core:
         self.scale = float(c.max())  # exact ratio under a change of time unit
         self.c = _round_sig(c / self.scale)
         self.ub = _round_sig(ub / self.scale)
+        self.tdl = _round_sig(problem.download_s / self.scale)  # broadcast: E[max_S t_dl], k-independent
+        self.has_dl = bool(np.any(self.tdl > 0))
         self.s_grid = np.arange(1, r + 1, dtype=np.float64) / r
         # X = sum a[i, k_i - 1] / q_i and Y = sum b[i, k_i - 1] / q_i (RoundsModel.tables)
         weighted = RoundsModel(alpha=k.alpha, beta=k.beta, gamma=k.gamma, delta=k.delta,
@@ -523,7 +538,7 @@ class _Core:
         if problem.pin_large_clients:
             self.pin(np.ones(n))
         # clients with identical (p, w, c, t_cm) are interchangeable: moved together in the s-step
-        key = np.stack([p, k.client_weight, c, problem.upload_s_hz, self.q_floor], axis=1)
+        key = np.stack([p, k.client_weight, c, problem.upload_s_hz, problem.download_s, self.q_floor], axis=1)
         _, inv = np.unique(key, axis=0, return_inverse=True)
         self.group = inv.reshape(-1)
         counts = np.bincount(self.group)
@@ -548,6 +563,13 @@ class _Core:
         return np.clip(over.sum(axis=1) + 1, 1, self.r).astype(np.int64)
 
     # -- objective
+    def download(self, q: np.ndarray) -> tuple[float, np.ndarray]:
+        """E[max_{i in S} t_dl_i] and its gradient in q (multilinear: exact in each q_i)."""
+        if not self.has_dl:
+            return 0.0, np.zeros(self.n)
+        st = _TimeState(self.tdl, q, self.t_max)
+        return st.E, st.grad
+
     def parts(self, q: np.ndarray, k: np.ndarray):
         rows = np.arange(self.n)
         x = float(np.sum(self.a_tab[rows, k - 1] / q))
@@ -559,13 +581,12 @@ class _Core:
         den = 1.0 - self.gamma * y
         if not den > 0:
             return math.inf
-        st = _TimeState(self.tcp_tab[np.arange(self.n), k - 1], q, self.t_max)
-        return (self.alpha + self.delta * x) / den * (st.E + float(np.dot(q, self.ub * s)))
+        return (self.alpha + self.delta * x) / den * self.round_time(q, k)
 
     def round_time(self, q, k) -> float:
         s = self.s_grid[k - 1]
         st = _TimeState(self.tcp_tab[np.arange(self.n), k - 1], q, self.t_max)
-        return st.E + float(np.dot(q, self.ub * s))
+        return st.E + self.download(q)[0] + float(np.dot(q, self.ub * s))
 
     def symmetrize(self, q: np.ndarray) -> np.ndarray:
         if not self.has_groups:
@@ -717,15 +738,17 @@ def _cap_move(core: _Core, cur: "_SState", max_levels: int = 64) -> "_SState | N
 class _SState:
     """Exact objective pieces at (q, k) for the s-step."""
 
-    __slots__ = ("q", "k", "x", "y", "lin", "st", "f")
+    __slots__ = ("q", "k", "x", "y", "lin", "st", "dl", "dl_grad", "f")
 
     def __init__(self, core: _Core, q: np.ndarray, k: np.ndarray):
         self.q, self.k = q, k
         self.x, self.y, s = core.parts(q, k)
         self.lin = float(np.dot(q, core.ub * s))
         self.st = _TimeState(core.tcp_tab[np.arange(core.n), k - 1], q, core.t_max)
+        self.dl, self.dl_grad = core.download(q)
         den = 1.0 - core.gamma * self.y
-        self.f = (core.alpha + core.delta * self.x) / den * (self.st.E + self.lin) if den > 0 else math.inf
+        self.f = ((core.alpha + core.delta * self.x) / den * (self.st.E + self.dl + self.lin)
+                  if den > 0 else math.inf)
 
 
 def _score_moves(core: _Core, cur: _SState, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -739,8 +762,9 @@ def _score_moves(core: _Core, cur: _SState, idx: np.ndarray) -> tuple[np.ndarray
     sn = core.s_grid[None, :]
     ub = core.ub[idx]
     st = cur.st
-    e0 = (st.E - q_i * st.grad[idx]) + (cur.lin - q_i * ub * s_cur)  # T with client i absent
-    e1 = st.h(idx, core.tcp_tab[idx]) + ub[:, None] * sn  # dT/dq_i at rank k'
+    # T with client i absent, and dT/dq_i at rank k' (the broadcast term does not depend on k)
+    e0 = (st.E - q_i * st.grad[idx]) + (cur.dl - q_i * cur.dl_grad[idx]) + (cur.lin - q_i * ub * s_cur)
+    e1 = st.h(idx, core.tcp_tab[idx]) + ub[:, None] * sn + cur.dl_grad[idx][:, None]
     a_ = (core.alpha + core.delta * (cur.x - a_cur / q_i))[:, None]
     b_ = core.delta * core.a_tab[idx]
     c_ = (1.0 - core.gamma * (cur.y - b_cur / q_i))[:, None]
@@ -820,8 +844,9 @@ class _QSolver:
         s = core.s_grid[k - 1]
         st = _TimeState(core.tcp_tab[np.arange(core.n), k - 1], q0, core.t_max)
         a = core.ub * s
-        t0 = st.E + float(np.dot(q0, a))
-        g = np.maximum((1.0 - q0) * (st.grad + a), 0.0)  # dT/du at u0 = -log(1 - q0)
+        dl, dl_grad = core.download(q0)  # E[max] of the broadcast: concave in u as well
+        t0 = st.E + dl + float(np.dot(q0, a))
+        g = np.maximum((1.0 - q0) * (st.grad + dl_grad + a), 0.0)  # dT/du at u0 = -log(1 - q0)
         h = g * (1.0 - q0)  # M(q) = t0 + sum h_i / (1 - q_i) - sum g_i
         base = t0 - float(np.sum(g))
         m_min = base + float(np.sum(h / (1.0 - np.minimum(lb, 1.0 - 1e-6))))  # M at the lower bounds
@@ -882,9 +907,10 @@ def _polish(core: _Core, q0: np.ndarray, k: np.ndarray, lb: np.ndarray, maxiter:
         if not den > 0:
             return 1e300, np.zeros_like(q)
         st = _TimeState(t, q, core.t_max)
-        tt = st.E + float(np.dot(q, a))
+        dl, dl_grad = core.download(q)
+        tt = st.E + dl + float(np.dot(q, a))
         iq2 = 1.0 / (q * q)
-        g = -core.delta * wx * iq2 / num - core.gamma * wy * iq2 / den + (st.grad + a) / tt
+        g = -core.delta * wx * iq2 / num - core.gamma * wy * iq2 / den + (st.grad + dl_grad + a) / tt
         return math.log(num) - math.log(den) + math.log(tt), g
 
     def fun_log(xv):
@@ -1072,7 +1098,7 @@ def _make_plan(problem: PlanProblem, core: _Core, q: np.ndarray, k: np.ndarray, 
     it = iterations
     s = core.s_grid[k - 1]
     rf = problem.rounds_factor(q, s)
-    tb = round_time_bound_s(problem.compute_s(s), problem.upload_s_hz_at(s), q, problem.bandwidth_hz)
+    tb = problem.round_time_bound_s(q, s)
     q_out = q.copy()
     k_out = k.astype(np.int64).copy()
     s_out = s.copy()

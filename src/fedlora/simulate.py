@@ -73,11 +73,14 @@ class Setup:
         return float(values * self.cfg.system.bytes_per_value * 8)
 
     def method_context(self) -> MethodContext:
+        sys = self.cfg.system
         eff = np.array([p.bits_per_s_per_hz for p in self.profiles])
+        eff_dl = eff if sys.downlink_bits_per_s_per_hz is None else np.full(eff.size, sys.downlink_bits_per_s_per_hz)
         return MethodContext(
             cfg=self.cfg, data_share=self.data_share,
             compute_time_s=np.array([p.compute_time_s for p in self.profiles]),
             upload_s_hz=self.upload_bits_full / eff,
+            download_s=self.upload_bits_full / (sys.downlink_band_hz * eff_dl),  # the broadcast = a full-rank update
             module_shapes=dict(self.engine.module_shapes), engine=self.engine,
             constants=constants_from_config(self.cfg))
 

@@ -417,9 +417,13 @@ def expected_max_compute_s(compute_s: np.ndarray, participation_prob: np.ndarray
 
 
 def round_time_bound_s(compute_s: np.ndarray, upload_s_hz: np.ndarray, participation_prob: np.ndarray,
-                       bandwidth_hz: float) -> float:
-    """Theorem 2: E[T] <= E[max_{i in S} t_cp_i] + sum_i q_i t_cm_i / B under equal-finish
-    allocation (per round, T <= max_S t_cp + sum_S t_cm / B)."""
+                       bandwidth_hz: float, download_s: np.ndarray | None = None) -> float:
+    """Theorem 2 with the broadcast: E[T] <= E[max_{i in S} t_dl_i] + E[max_{i in S} t_cp_i]
+    + sum_i q_i t_cm_i / B under equal-finish allocation (per round, T = max_S t_dl (the
+    broadcast goes at the weakest participant's rate) + T_up, T_up <= max_S t_cp + sum_S
+    t_cm / B). ``download_s``: t_dl_i, client i's time to receive the broadcast alone
+    (None: no download term, the seed's bound)."""
     c, u, bw = _check_alloc(compute_s, upload_s_hz, bandwidth_hz)
     q = _check_prob(participation_prob, c.size)
-    return expected_max_compute_s(c, q) + float(np.sum(q * u)) / bw
+    dl = 0.0 if download_s is None else expected_max_compute_s(download_s, q)
+    return dl + expected_max_compute_s(c, q) + float(np.sum(q * u)) / bw

@@ -34,6 +34,9 @@ class MethodContext:
     module_shapes: dict[str, tuple[int, int]]  # (in_features, out_features)
     engine: object | None = None  # the model engine, for methods that merge into the base
     constants: object | None = None  # planner.BoundConstants, for methods that plan (needs_constants)
+    # time for client i to receive a broadcast of the full rank-r adapter alone over the whole
+    # downlink band (docs/system.md, Downlink); None: no download model
+    download_s: np.ndarray | None = None
 
     @property
     def num_clients(self) -> int:

@@ -36,8 +36,8 @@ Choices where the paper is vague (or where we deviate from its public code):
     renormalized over the clients whose payloads arrived. An empty round leaves the
     adapter unchanged (no server-optimizer step).
   * plan.json: inclusion probability m / N per client and the ranks; the expected round
-    time is the Theorem-2 style bound for fixed-size sampling (exact E[max compute] over a
-    uniform m-subset plus (m / N) sum_i t_cm_i(s_i) / B).
+    time is the Theorem-2 style bound for fixed-size sampling (exact E[max compute] and
+    E[max broadcast time] over a uniform m-subset plus (m / N) sum_i t_cm_i(s_i) / B).
 
 `FixedSizeSampling`, the fixed-size sampled set shared by FSLoRA, HetLoRA, FLoRA and
 FlexLoRA (the same random stream, so with one seed all four train the same clients in the
@@ -114,6 +114,8 @@ class FixedSizeSampling(Method):
         cm = ComputeModel(cfg.system.compute_model.kind, cfg.system.compute_model.fixed_fraction)
         bound = (expected_max_fixed_size(cm.time_s(self.ctx.compute_time_s, s), m)
                  + m / n * float(np.sum(s * self.ctx.upload_s_hz)) / cfg.system.bandwidth_hz)
+        if self.ctx.download_s is not None:  # the broadcast, at the weakest sampled client's rate
+            bound += expected_max_fixed_size(self.ctx.download_s, m)
         return {
             "participation_prob": [m / n] * n,  # inclusion probability of a uniform m-subset
             "sketch_ratio": s.tolist(),

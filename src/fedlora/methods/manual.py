@@ -52,7 +52,7 @@ class IndependentSketch(Method):
         cm = ComputeModel(cfg.system.compute_model.kind, cfg.system.compute_model.fixed_fraction)
         s = self.sketch_ratio
         bound = round_time_bound_s(cm.time_s(self.ctx.compute_time_s, s), s * self.ctx.upload_s_hz,
-                                   self.participation_prob, cfg.system.bandwidth_hz)
+                                   self.participation_prob, cfg.system.bandwidth_hz, self.ctx.download_s)
         return {
             "participation_prob": self.participation_prob.tolist(),
             "sketch_ratio": s.tolist(),

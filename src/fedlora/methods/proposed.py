@@ -40,7 +40,8 @@ def plan_problem(ctx, constants, *, pin_large_clients: bool = False, min_partici
     return PlanProblem(data_share=ctx.data_share, compute_time_s=ctx.compute_time_s, upload_s_hz=ctx.upload_s_hz,
                        bandwidth_hz=cfg.system.bandwidth_hz, rank=cfg.lora.rank,
                        compute_model=ComputeModel(cm.kind, cm.fixed_fraction), constants=constants,
-                       pin_large_clients=pin_large_clients, min_participation=min_participation)
+                       pin_large_clients=pin_large_clients, min_participation=min_participation,
+                       download_s=ctx.download_s)
 
 
 def update_gram(jobs, payloads, rank: int) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..soft import LyapunovController, dropped_energy_fraction
-from ..system import ComputeModel, downlink_time_s, equal_finish_allocation, equal_split_allocation
+from ..system import ComputeModel, equal_finish_allocation, equal_split_allocation
 from .base import MethodContext
 from .soft import Soft
 
@@ -56,10 +56,8 @@ class Tsfa(Soft):
         self.eff = self.upload_bits_full() / np.asarray(ctx.upload_s_hz, dtype=float)  # bits/s/Hz per client
         self.allocate = equal_finish_allocation if cfg.system.allocation == "equal_finish" else equal_split_allocation
         self.bandwidth_hz = float(cfg.system.bandwidth_hz)
-        self.broadcast_bits = self.upload_bits_full()  # the server broadcasts the full rank-r state
-        self.eff_dl = (self.eff if cfg.system.downlink_bits_per_s_per_hz is None
-                       else np.full(ctx.num_clients, float(cfg.system.downlink_bits_per_s_per_hz)))
-        self.downlink_hz = cfg.system.downlink_band_hz
+        # the server broadcasts the full rank-r state, received at the weakest participant's rate
+        self.download_s = np.zeros(ctx.num_clients) if ctx.download_s is None else np.asarray(ctx.download_s)
         self.expected_full_s = self.expected_latency(r)
         self.expected_min_s = self.expected_latency(1)
         budget = cfg.options.tsfa_latency_budget_s
@@ -79,7 +77,7 @@ class Tsfa(Soft):
         ids = np.asarray(sampled, dtype=int)
         if ids.size == 0:
             return 0.0, np.zeros(0)
-        download_s = downlink_time_s(self.broadcast_bits, 0.0, self.eff_dl[ids], self.downlink_hz)
+        download_s = float(self.download_s[ids].max())
         upload_s_hz = self.upload_bits(int(k)) / self.eff[ids]
         t, b = self.allocate(self.compute_s[ids], upload_s_hz, self.bandwidth_hz)
         return download_s + float(t), b
