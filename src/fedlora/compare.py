@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .config import InputError, RunConfig, dump_config
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "clients.json", "data.json", "plan.json")
+from .rundir import run_status
 
 
 def parse_names(text: str | None) -> list[str] | None:
@@ -72,50 +71,6 @@ class Job:
     state: str  # "finished" (skip), "resume", "restart" (partial folder, no checkpoint), "new"
 
 
-def _folder_state(folder: Path, cfg: RunConfig) -> str:
-    if not folder.exists():
-        return "new"
-    if not folder.is_dir():
-        raise InputError(f"{folder}: exists and is not a folder")
-    entries = {p.name for p in folder.iterdir()}
-    if not entries:
-        return "new"
-    saved = folder / "config.yaml"
-    has_ckpt = any((folder / d / "progress.json").exists() for d in ("checkpoint", "checkpoint.old"))
-    if "result.json" in entries or has_ckpt:
-        if not saved.exists():
-            raise InputError(f"{folder}: run folder without config.yaml; move it away or use another -o")
-        if saved.read_text() != dump_config(cfg):
-            raise InputError(f"{saved}: differs from the config being compared ({_first_difference(saved, cfg)}); "
-                             "use another -o folder or remove this one")
-        return "finished" if "result.json" in entries else "resume"
-    if entries & set(RUN_FILES) and entries <= set(RUN_FILES) | {"checkpoint.tmp", "adapter.tmp"} | {
-            f + ".tmp" for f in RUN_FILES}:
-        return "restart"  # started but stopped before its first checkpoint
-    raise InputError(f"{folder}: exists and is not a run folder of this comparison; use another -o")
-
-
-def _first_difference(saved: Path, cfg: RunConfig) -> str:
-    import yaml
-
-    try:
-        old = yaml.safe_load(saved.read_text())
-    except yaml.YAMLError:
-        return "unreadable"
-    new = cfg.model_dump(mode="json")
-
-    def walk(a, b, prefix=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in list(b) + [k for k in a if k not in b]:
-                d = walk(a.get(k), b.get(k), f"{prefix}{k}.")
-                if d:
-                    return d
-            return None
-        return None if a == b else f"{prefix[:-1]}: {a!r} there, {b!r} now"
-
-    return walk(old, new) or "formatting"
-
-
 def plan_jobs(cfg: RunConfig, out: Path, methods: Sequence[str], seeds: Sequence[int] | None) -> list[Job]:
     """The run folders of a comparison and what to do with each; raises InputError before any work."""
     jobs = []
@@ -127,7 +82,7 @@ def plan_jobs(cfg: RunConfig, out: Path, methods: Sequence[str], seeds: Sequence
             folder = out / m if seeds is None else out / m / f"seed{seed}"
             if seeds is not None and (out / m / "metrics.jsonl").exists():
                 raise InputError(f"{out / m}: holds a single run (made without --seeds); use another -o")
-            jobs.append(Job(m, seed, c, folder, _folder_state(folder, c)))
+            jobs.append(Job(m, seed, c, folder, run_status(folder, dump_config(c))))
     return jobs
 
 

@@ -104,7 +104,7 @@ def run_pilots(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True, 
     report = constants_report(observations, setup.data_share, runs, "planner.pilot", fit=pc.fit)
     report["config_key"] = pilot_key(cfg)
     report["planning_time_s"] = float(sum(r["sim_time_s"] for r in runs))
-    from .simulate import write_atomic
+    from .rundir import write_atomic
 
     write_atomic(out / "constants.json", json.dumps(report, indent=1))
     return report

@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 
 from .config import MEAN, InputError
+from .rundir import first_reaching, read_rows, time_to_target, write_atomic
 
 ALL = "all"  # target key: every per-task target at once (a dict target; the run's stopping rule)
 
@@ -151,39 +152,11 @@ def _number(x) -> bool:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl, sorted by round (a repeated round keeps its last row).
-    An unreadable line raises InputError naming the file and the line number."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({e.__class__.__name__})") from None
-    by_round: dict[int, dict] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
-        if not isinstance(row.get("round"), int) or isinstance(row.get("round"), bool):
-            raise InputError(f"{path}: line {n}: field 'round' missing or not an integer")
-        if not _number(row.get("sim_time_s")):
-            raise InputError(f"{path}: line {n}: field 'sim_time_s' missing or not a number")
-        if "eval" in row:
-            ev = row["eval"]
-            if not isinstance(ev, dict) or not all(_number(v) for v in ev.values()):
-                raise InputError(f"{path}: line {n}: field 'eval' must map task names to accuracies")
-            if not _number(row.get("eval_mean")):
-                raise InputError(f"{path}: line {n}: field 'eval_mean' missing or not a number")
-        for key in ("upload_bytes", "download_bytes"):
-            if row.get(key) is not None and not _number(row[key]):
-                raise InputError(f"{path}: line {n}: field '{key}' is not a number")
-        by_round[row["round"]] = row
-    if not by_round:
+    """Rows of a metrics.jsonl (rundir.read_rows); none at all is an InputError."""
+    rows = read_rows(Path(path).parent)
+    if not rows:
         raise InputError(f"{path}: no metric rows")
-    return [by_round[k] for k in sorted(by_round)]
+    return rows
 
 
 def load_run(path: str | Path) -> Run:
@@ -271,33 +244,6 @@ def target_keys(target: Target, tasks: Sequence[str]) -> dict[str, float | dict[
             keys[MEAN] = float(target[MEAN])
         return keys
     return {**{t: float(target) for t in tasks}, MEAN: float(target)}
-
-
-def _row_reaches(row: dict, target, task: str | None) -> bool:
-    if isinstance(target, dict):
-        return all(row["eval"].get(t, -1.0) >= v for t, v in target.items())
-    acc = row["eval_mean"] if task is None else row["eval"].get(task)
-    return acc is not None and acc >= target
-
-
-def first_reaching(rows: Sequence[dict], target, task: str | None = None) -> int | None:
-    """Index into `rows` of the first evaluated row reaching the target, or None."""
-    if target is None:
-        return None
-    for i, r in enumerate(rows):
-        if isinstance(r.get("eval"), dict) and _row_reaches(r, target, task):
-            return i
-    return None
-
-
-def time_to_target(rows: Sequence[dict], target, task: str | None = None) -> float | None:
-    """Simulated seconds at the first evaluated row whose accuracy >= target; None: not reached.
-
-    target float with task=None: on eval_mean; with task: on eval[task]. target dict
-    {task: acc}: every listed task at once (the rule train.target_accuracy stops a run on).
-    """
-    i = first_reaching(rows, target, task)
-    return None if i is None else float(rows[i]["sim_time_s"])
 
 
 def times_to_target(run: Run, keys: dict[str, Any]) -> dict[str, dict]:
@@ -756,11 +702,6 @@ def write_plots(runs: Sequence[Run], summary: dict, out_dir: Path) -> list[Path]
 # ------------------------------------------------------------------ entry point
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def _jsonable(x):
     if isinstance(x, float) and not math.isfinite(x):
@@ -790,8 +731,8 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, target: T
     summary = summarize(runs, target=target, baseline=baseline, relative_to=out_dir, focus=focus)
     summary["failed"] = list(failed)
     markdown = render_markdown(summary)
-    _write_atomic(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=1))
-    _write_atomic(out_dir / "summary.md", markdown)
+    write_atomic(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=1))
+    write_atomic(out_dir / "summary.md", markdown)
     files = [out_dir / "summary.json", out_dir / "summary.md"]
     if plots:
         files += write_plots(runs, summary, out_dir)

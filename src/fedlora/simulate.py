@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from .config import InputError, RunConfig, dump_config
 from .data import DataError, Question, load_tasks, partition, subsample
@@ -31,6 +30,7 @@ from .methods import METHODS, MethodContext, get_method
 from .methods.base import Method, payload_values
 from .model import Engine, ModelError, ModelSpec
 from .sketch import payload_values as rank_payload_values
+from .rundir import load_checkpoint, read_rows, save_checkpoint, target_reached, time_to_target, write_atomic
 from .system import (ClientProfile, ComputeModel, channel_profiles, downlink_time_s, equal_finish_allocation,
                      equal_split_allocation, generate_profiles, rayleigh_fading)
 
@@ -202,12 +202,6 @@ def client_batches(setup: Setup, client: int, round_idx: int) -> list[list[Quest
 # ------------------------------------------------------------- run folder
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def clients_json(setup: Setup) -> list[dict]:
     rows = []
     for p, n, share in zip(setup.profiles, setup.num_samples, setup.data_share):
@@ -215,35 +209,6 @@ def clients_json(setup: Setup) -> list[dict]:
                      "compute_time_s": p.compute_time_s, "upload_bits": setup.upload_bits_full,
                      "bits_per_s_per_hz": p.bits_per_s_per_hz, **p.extra})
     return rows
-
-
-def save_checkpoint(out: Path, state, method: Method, engine: Engine, progress: dict) -> None:
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(flatten_state(state), str(tmp / "adapter_state.safetensors"))
-    torch.save(method.state_dict(), tmp / "method_state.pt")
-    base_delta = engine.base_delta()
-    if base_delta:
-        save_file({k: v.contiguous() for k, v in base_delta.items()}, str(tmp / "base_delta.safetensors"))
-    (tmp / "progress.json").write_text(json.dumps(progress))
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(out: Path):
-    final, old = out / "checkpoint", out / "checkpoint.old"
-    if not final.exists() and old.exists():  # crashed between the two renames
-        os.replace(old, final)
-    if not (final / "progress.json").exists():
-        return None
-    state = unflatten_state(load_file(str(final / "adapter_state.safetensors")))
-    method_state = torch.load(final / "method_state.pt", weights_only=False)
-    base = final / "base_delta.safetensors"
-    base_delta = load_file(str(base)) if base.exists() else {}
-    return state, method_state, base_delta, json.loads((final / "progress.json").read_text())
 
 
 def flatten_state(state) -> dict[str, torch.Tensor]:
@@ -290,14 +255,6 @@ class RoundClock:
         return {"round_time_s": float(download_s + t_train + server_s), "download_time_s": float(download_s),
                 "train_upload_time_s": float(t_train), "server_time_s": float(server_s),
                 "max_compute_time_s": float(np.max(t_cp)) if ids else 0.0}
-
-
-def target_reached(target, eval_acc: dict[str, float], eval_mean: float) -> bool:
-    if target is None:
-        return False
-    if isinstance(target, dict):
-        return all(eval_acc.get(task, 0.0) >= t for task, t in target.items())
-    return eval_mean >= target
 
 
 def evaluate(setup: Setup, state, questions) -> tuple[dict[str, float], float]:
@@ -355,7 +312,7 @@ def start_run_folder(setup: Setup, method: Method, out: Path, pre_run_planning_s
             "planning_time_s": 0.0}
     if target_reached(cfg.train.target_accuracy, acc, mean):
         prog["stop_reason"] = "target_accuracy"
-    save_checkpoint(out, state, method, setup.engine, prog)
+    checkpoint(out, state, method, setup.engine, prog)
     return state, prog
 
 
@@ -443,7 +400,13 @@ def commit_round(out: Path, metrics, row: dict, state, method: Method, engine: E
     metrics.write(json.dumps(row) + "\n")
     metrics.flush()
     prog["next_round"] = row["round"] + 1
-    save_checkpoint(out, state, method, engine, prog)
+    checkpoint(out, state, method, engine, prog)
+
+
+def checkpoint(out: Path, state, method: Method, engine: Engine, prog: dict) -> None:
+    """The loop's state after a round: adapter, method state, merged base delta, progress."""
+    save_checkpoint(out, adapter=flatten_state(state), method_state=method.state_dict(), base_delta=engine.base_delta(),
+                    progress=prog)
 
 
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -486,19 +449,19 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     if ckpt is None:
         state, prog = start_run_folder(setup, method, out, pre_run_s)
     else:
-        state, method_state, base_delta, prog = ckpt
+        adapter, method_state, base_delta, prog = ckpt
+        state = unflatten_state(adapter)
         method.load_state_dict(method_state)
         setup.engine.load_base_delta(base_delta)  # also clears merges a shared engine may carry
         # drop metric rows written after the checkpoint (a crash between row and checkpoint)
-        rows = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
-        rows = [ln for ln in rows if json.loads(ln)["round"] < prog["next_round"]]
-        write_atomic(metrics_path, "".join(r + "\n" for r in rows))
+        rows = read_rows(out, before_round=prog["next_round"])
+        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     clock = RoundClock(setup)
     rounds = cfg.train.rounds
     bar = _progress(rounds, prog["next_round"] - 1, enabled=progress)
     last = {}
-    history = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()] if stop_when else []
+    history = read_rows(out) if stop_when else []
     with open(metrics_path, "a") as metrics:
         t = prog["next_round"]
         while prog["stop_reason"] is None and t <= rounds:
@@ -539,7 +502,7 @@ def finish(setup: Setup, method: Method, out: Path, state, prog: dict) -> dict:
     setup.engine.save_peft_adapter(method.export_state(state), cfg.lora.alpha, adapter_tmp)
     shutil.rmtree(out / "adapter", ignore_errors=True)
     os.replace(adapter_tmp, out / "adapter")
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = read_rows(out)
     plan = method.plan()
     if plan is not None:  # the plan the run ended with (online planning changes it between rounds)
         write_atomic(out / "plan.json", json.dumps(plan, indent=1))
@@ -556,15 +519,6 @@ def finish(setup: Setup, method: Method, out: Path, state, prog: dict) -> dict:
               "total_time_to_target_s": None if ttt is None else pre + ttt}  # what a user waits for
     write_atomic(out / "result.json", json.dumps(result, indent=1))
     return result
-
-
-def time_to_target(rows: list[dict], target) -> float | None:
-    if target is None:
-        return None
-    for r in rows:
-        if "eval" in r and target_reached(target, r["eval"], r["eval_mean"]):
-            return r["sim_time_s"]
-    return None
 
 
 def _fmt(x) -> str:

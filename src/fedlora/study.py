@@ -50,6 +50,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ConstantsConfig, InputError, RunConfig, dump_config, load_config, validate
+from .rundir import has_checkpoint, read_rows, run_status, write_atomic
 
 EVAL_WINDOW = 3  # reference evaluations averaged into acc_ref
 
@@ -189,10 +190,6 @@ def pilot_loss_from_reference(rows: list[dict]) -> float:
 
 
 # ----------------------------------------------------------------------------- jobs
-def _read_rows(folder: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
 def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) -> dict:
     """Worker: one run into `folder` (resumed if it has a checkpoint)."""
     import torch
@@ -210,7 +207,7 @@ def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) 
 
         def stop(rows):
             return loss_reached(rows, stop_loss)
-    resume = any((folder / d / "progress.json").exists() for d in ("checkpoint", "checkpoint.old"))
+    resume = has_checkpoint(folder)
     key = (_setup_key(cfg), cfg.seed)
     if _SETUP_CACHE.get("key") != key:  # same data, profiles and model: reuse the last setup of this process
         _SETUP_CACHE.clear()
@@ -245,10 +242,6 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _finished(folder: Path) -> bool:
-    return (folder / "result.json").exists()
-
-
 class Runner:
     def __init__(self, workers: int, log: Callable[[str], None], progress: bool):
         self.workers, self.log, self.progress = max(1, workers), log, progress
@@ -257,12 +250,7 @@ class Runner:
     def run(self, jobs: list[Job]) -> None:
         todo = []
         for j in jobs:
-            if _finished(j.folder):
-                saved = (j.folder / "config.yaml").read_text()
-                if saved != dump_config(j.cfg):
-                    raise InputError(f"{j.folder}/config.yaml: differs from this study's config for that run; "
-                                     "use another -o folder or remove that run")
-            else:
+            if run_status(j.folder, dump_config(j.cfg)) != "finished":  # refuses another config's run
                 todo.append(j)
         if not todo:
             return
@@ -350,7 +338,7 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
     rules = {}
     for key, st in settings.items():
         spec = ref_specs[key]
-        rows = _read_rows(st.folder / "reference")
+        rows = read_rows(st.folder / "reference")
         if spec.targets is None:
             rule = targets_from_reference(rows, spec.target_fraction, spec.min_gain)
         else:  # pre-registered targets replace the rule
@@ -495,9 +483,7 @@ def _constants(st: Setting, seed: int, rule: dict) -> dict:
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def _study_label(name: str, variant: str | None) -> str:

@@ -32,8 +32,8 @@ from flwr.serverapp.strategy import Result, Strategy
 from ..config import InputError, RunConfig
 from ..methods import get_method
 from ..methods.base import Method, payload_values
-from ..simulate import (RoundClock, Setup, close_round, commit_round, finish, prepare_out, start_run_folder,
-                        write_atomic)
+from ..rundir import write_atomic
+from ..simulate import RoundClock, Setup, close_round, commit_round, finish, prepare_out, start_run_folder
 from ..system import ClientProfile
 from .common import (array_record, check_payload, config_key, indices_list, record_tensors, regularizer_config,
                      state_to_tensors, tensors_to_state)
