@@ -133,6 +133,34 @@ def test_a_method_that_cannot_plan_leaves_no_folder(setup, tmp_path):
     assert not out.exists()
 
 
+def test_resume_with_more_rounds_continues_a_finished_run(setup, tmp_path):
+    """--resume train.rounds=N (larger) continues from the last checkpoint: the same training
+    as one longer run; the shorter run's last round was evaluated as its final round."""
+    cfg = setup.cfg
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"rounds": cfg.train.rounds + 2})})
+    full = tmp_path / "full"
+    simulate.run(longer, full, setup=setup, progress=False)
+    ext = tmp_path / "extended"
+    simulate.run(cfg, ext, setup=setup, progress=False)
+    result = simulate.run(longer, ext, setup=setup, progress=False, resume=True)
+    assert result["rounds"] == cfg.train.rounds + 2 and result["stop_reason"] == "max_rounds"
+    assert (ext / "config.yaml").read_text() == (full / "config.yaml").read_text()
+
+    def training(rs):
+        return [{k: v for k, v in r.items() if k not in ("cpu_time_s", "eval", "eval_mean")} for r in rs]
+
+    assert training(rows(ext)) == training(rows(full))
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(ext / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # fewer rounds, or any other change, is refused and leaves the finished run as it was
+    before = (ext / "result.json").read_text()
+    for other in (cfg, longer.model_copy(update={"seed": 7})):
+        with pytest.raises(InputError, match="train.rounds|seed"):
+            simulate.run(other, ext, setup=setup, progress=False, resume=True)
+    assert (ext / "result.json").read_text() == before
+
+
 def test_existing_folder_needs_resume_or_overwrite(setup, tmp_path):
     out = tmp_path / "x"
     out.mkdir()

@@ -40,7 +40,8 @@ def user_errors(fn):
 @user_errors
 def run(config: Path = typer.Argument(..., help="YAML run config"),
         out: Optional[Path] = typer.Option(None, "-o", "--out", help="run folder (default runs/<config name>)"),
-        resume: bool = typer.Option(False, "--resume", help="continue a stopped run in OUT"),
+        resume: bool = typer.Option(False, "--resume", help="continue a stopped run in OUT, or a finished one "
+                                    "with a larger train.rounds or train.max_sim_time_s"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
         overrides: Optional[list[str]] = OverridesArg):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import InputError, RunConfig, dump_config
+from .config import InputError, RunConfig, dump_config, validate
 from .data import DataError, Question, load_tasks, partition, subsample
 from .methods import METHODS, MethodContext, get_method
 from .methods.base import Method, payload_values
@@ -416,10 +416,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     `stop_when(rows)` (optional) ends the run after a round when it returns True (pilots)."""
     method_cls = get_method(cfg.method)
     out = Path(out)
+    extending = False
     if resume and (out / "config.yaml").exists():
         saved = (out / "config.yaml").read_text()
         if saved != dump_config(cfg):
-            raise InputError(f"{out}/config.yaml: differs from the given config; resume needs the same config")
+            extending = check_extension(out, saved, cfg)  # more rounds or time: continue; else refused
     if method_cls.needs_constants:
         from .pilot import check_planner_inputs
 
@@ -429,7 +430,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     elif setup.cfg is not cfg:  # a shared setup (compare, pilots): same data and model, this run's knobs
         setup = dataclasses.replace(setup, cfg=cfg)
     prepare_out(out, resume=resume, overwrite=overwrite)
-    if (out / "result.json").exists() and resume:
+    if (out / "result.json").exists() and resume and not extending:
         return json.loads((out / "result.json").read_text())
     ctx = setup.method_context()
     pre_run_s = 0.0
@@ -444,12 +445,17 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
             out.rmdir()  # a method that cannot start leaves no empty run folder behind
         raise
 
+    if extending:  # result.json first: a crash in between leaves a resumable run
+        (out / "result.json").unlink(missing_ok=True)
+        write_atomic(out / "config.yaml", dump_config(cfg))
     ckpt = load_checkpoint(out) if resume else None
     metrics_path = out / "metrics.jsonl"
     if ckpt is None:
         state, prog = start_run_folder(setup, method, out, pre_run_s)
     else:
         adapter, method_state, base_delta, prog = ckpt
+        if prog["stop_reason"] in ("max_rounds", "max_sim_time") and not limit_reached(cfg, prog):
+            prog["stop_reason"] = None  # an extended run: its limit grew
         state = unflatten_state(adapter)
         method.load_state_dict(method_state)
         setup.engine.load_base_delta(base_delta)  # also clears merges a shared engine may carry
@@ -492,6 +498,34 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     if prog["stop_reason"] is None:
         prog["stop_reason"] = "max_rounds"
     return finish(setup, method, out, state, prog)
+
+
+def check_extension(out: Path, saved: str, cfg: RunConfig) -> bool:
+    """True when a resume's config differs from the saved one only by a larger train.rounds or
+    train.max_sim_time_s (None: no limit): the run continues from its last checkpoint, as a
+    training library's resume with more epochs would. Any other difference is refused. A run
+    that stopped on its target stays stopped."""
+    import yaml
+
+    from .rundir import first_difference
+
+    old = validate(yaml.safe_load(saved), str(out / "config.yaml"))
+    t_old, t_new = old.train, cfg.train
+    same = old.model_copy(update={"train": t_old.model_copy(update={"rounds": t_new.rounds,
+                                                                    "max_sim_time_s": t_new.max_sim_time_s})})
+    longer = t_new.rounds >= t_old.rounds and (t_new.max_sim_time_s is None or (
+        t_old.max_sim_time_s is not None and t_new.max_sim_time_s >= t_old.max_sim_time_s))
+    if dump_config(same) != dump_config(cfg) or not longer:
+        raise InputError(f"{out}/config.yaml: differs from the given config "
+                         f"({first_difference(out / 'config.yaml', dump_config(cfg))}); resume needs the same "
+                         "config, or only a larger train.rounds / train.max_sim_time_s")
+    return True
+
+
+def limit_reached(cfg: RunConfig, prog: dict) -> bool:
+    """Has the run used up its rounds or its simulated time (as close_round decides)?"""
+    t = cfg.train
+    return prog["next_round"] > t.rounds or (t.max_sim_time_s is not None and prog["sim_time_s"] >= t.max_sim_time_s)
 
 
 def finish(setup: Setup, method: Method, out: Path, state, prog: dict) -> dict:
