@@ -1,4 +1,4 @@
-"""Unbiased aggregation under independent sampling (method.md section 2)."""
+"""Unbiased aggregation under independent sampling (docs/theory.md section 0)."""
 
 import math
 

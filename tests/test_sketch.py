@@ -1,4 +1,4 @@
-"""Rank sketching: counts, uniform subsets, unbiasedness of the sketch (method.md section 1)."""
+"""Rank sketching: counts, uniform subsets, unbiasedness of the sketch (docs/theory.md section 0)."""
 
 import itertools
 import math

@@ -1,4 +1,4 @@
-"""System model: profiles, channel, bandwidth allocation, round-time bound (method.md 3-4)."""
+"""System model: profiles, channel, bandwidth allocation, round-time bound (docs/theory.md 1-2, docs/system.md)."""
 
 import itertools
 import math

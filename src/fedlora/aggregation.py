@@ -1,4 +1,4 @@
-"""Unbiased aggregation under independent client sampling (method.md section 2, eq. 6).
+"""Unbiased aggregation under independent client sampling (docs/theory.md section 0, docs/system.md).
 
 Each round client i joins with its own probability q_i (independent coins, so the set of
 participants S_t may be empty). The server update

@@ -90,7 +90,7 @@ class ProfilesConfig(_Strict):
     compute_spread: float = Field(0.5, ge=0)
     bits_per_s_per_hz: float = Field(4.0, gt=0)  # median link spectral efficiency
     link_spread: float = Field(0.5, ge=0)
-    # source=channel: physical model (baselines.md, wireless section)
+    # source=channel: physical model (docs/system.md, Profiles and channel)
     device_flops_median: float = Field(2e10, gt=0)
     device_flops_spread: float = Field(0.5, ge=0)
     cell_radius_m: float = Field(500.0, gt=10)

@@ -1,4 +1,4 @@
-"""Rank sketching for federated LoRA (method.md section 1, the FSLoRA mechanism).
+"""Rank sketching for federated LoRA (docs/theory.md section 0, the FSLoRA mechanism).
 
 Client i trains only k_i = ceil(s_i * r) of the r global LoRA ranks, drawn uniformly
 without replacement each round. The diagonal sketch S_i = (r / k_i) * sum_{j in I_i} e_j e_j^T

@@ -1,5 +1,5 @@
 """Wireless system model: client profiles, bandwidth allocation and round time
-(method.md sections 3-4, baselines.md "Wireless system model").
+(docs/theory.md sections 1-2, docs/system.md).
 
 Units are in the names: seconds (_s), hertz (_hz), bits, bits/s/Hz, dBm, dB, metres (_m).
 

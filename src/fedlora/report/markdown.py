@@ -1,0 +1,137 @@
+"""summary.md: the summary as readable tables."""
+
+from __future__ import annotations
+
+import math
+
+from ..config import MEAN
+from .runs import ALL, Target
+
+# ------------------------------------------------------------------ markdown
+
+
+def _fmt_stat(s: dict, fmt: str = "{:.3f}", scale: float = 1.0) -> str:
+    if not s or s["n"] == 0:
+        return "—"
+    mean = fmt.format(s["mean"] / scale)
+    return mean if s["n"] == 1 else f"{mean} ± {fmt.format(s['std'] / scale)}"
+
+
+def _fmt_time(t: dict) -> str:
+    if t["reached"] == 0:
+        return "not reached"
+    cell = _fmt_stat(t, "{:.1f}")
+    return cell if t["reached"] == t["of"] else f"{cell} ({t['reached']}/{t['of']})"
+
+
+def _fmt_speedup(s: dict | None) -> str:
+    if not s:
+        return "—"
+    v = "∞" if math.isinf(s["value"]) else f"{s['value']:.2f}"
+    return f"{v}× vs {s['vs']}"
+
+
+def _fmt_pair_speedup(cell: dict) -> str:
+    if cell["value"] is None:
+        return "—"
+    ratios = [v["ratio"] for v in cell["per_seed"].values()]
+    text = f"{'>' if cell['at_least'] else ''}{cell['value']:.2f}×"
+    if len(ratios) > 1:
+        text += f" [{min(ratios):.2f}–{max(ratios):.2f}]"
+    return text
+
+
+def _rounds_cell(s: dict) -> str:
+    if s["n"] and s["min"] == s["max"]:
+        return str(int(s["min"]))
+    return _fmt_stat(s, "{:.1f}")
+
+
+def _target_text(target: Target) -> str:
+    if target is None:
+        return ("No target accuracy (set train.target_accuracy or pass --target): "
+                "time-to-target columns are left out.")
+    if isinstance(target, dict):
+        per_task = {t: v for t, v in target.items() if t != MEAN}
+        parts = ", ".join(f"{t} ≥ {v:g}" for t, v in per_task.items())
+        extra = " and all of them at once (column 'all')" if len(per_task) > 1 else ""
+        mean = f"; mean over tasks ≥ {target[MEAN]:g} (column 'mean')" if MEAN in target else ""
+        return f"Target accuracy per task: {parts}{extra}{mean}."
+    return f"Target accuracy {target:g} on the mean over tasks and on each task."
+
+
+def _table(header: list[str], align: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(a for a in align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
+    keys, primary = summary["target_keys"], summary["primary_target"]
+    methods, tasks = summary["methods"], summary["tasks"]
+    target = summary["target"]
+
+    def key_name(k: str) -> str:
+        if k == ALL:
+            return "all tasks"
+        return "mean" if k == MEAN else k
+
+    header = ["method", "runs"]
+    for k in keys:
+        tv = target if not isinstance(target, dict) else (target.get(k) if k != ALL else None)
+        header.append(f"time to {tv:g}: {key_name(k)} (s)" if tv is not None else f"time to target: {key_name(k)} (s)")
+    if primary is not None:
+        header.append(f"speedup ({key_name(primary)})")
+    header += ["planning (s)", "final acc", "rounds", "MB up", "MB down"]
+    rows = []
+    for label, m in methods.items():
+        row = [label, str(m["n"]) + ("" if m["finished"] == m["n"] else f" ({m['n'] - m['finished']} unfinished)")]
+        row += [_fmt_time(m["time_to_target_s"][k]) for k in keys]
+        if primary is not None:
+            row.append(_fmt_speedup(m["speedup"].get(primary)))
+        row += [_fmt_stat(m["planning_time_s"], "{:.1f}"), _fmt_stat(m["final_eval_mean"]), _rounds_cell(m["rounds"]),
+                _fmt_stat(m["upload_bytes"], "{:.2f}", 1e6), _fmt_stat(m["download_bytes"], "{:.2f}", 1e6)]
+        rows.append(row)
+    align = [":--", "--:"] + ["--:"] * (len(header) - 2)
+    times = ("Times are simulated seconds at the first evaluation at or above the target, counting what a user "
+             "waits for: planning before round 1 (pilot runs and the reference run that set their loss) plus the "
+             "run's own clock (which holds the planner's server time); the training-only times are in the table "
+             "after. With several seeds, mean ± std over the seeds that reached it, and (k/n) when only k of n did. "
+             "Planning: all planning time of a run (before and during it). ") if keys else ""
+    out = [f"# {title}", "", _target_text(target),
+           times + "Final accuracy: mean over tasks on the final evaluation (result.json), mean ± std over seeds. "
+           "MB = 10^6 bytes, whole run.", ""]
+    if summary.get("baseline"):
+        out += [f"Speedup: baseline mean time / method mean time (baseline {summary['baseline']}).", ""]
+    elif primary is not None:
+        out += ["Speedup: mean time of the fastest other method / this method's (only methods whose every run "
+                "reached the target).", ""]
+    out += _table(header, align, rows)
+    if keys:
+        out += ["", "## Time to target on the run's own clock (planning before round 1 not counted)", ""]
+        rows_t = [[label] + [_fmt_time(m["training_time_to_target_s"][k]) for k in keys] for label, m in methods.items()]
+        out += _table(["method"] + [key_name(k) for k in keys], [":--"] + ["--:"] * len(keys), rows_t)
+    out += ["", "## Final accuracy per task", ""]
+    header2 = ["method"] + tasks + ["mean", "stop reasons"]
+    rows2 = []
+    for label, m in methods.items():
+        reasons = ", ".join(f"{k} ×{v}" for k, v in sorted(m["stop_reasons"].items()))
+        rows2.append([label] + [_fmt_stat(m["final_eval"][t]) for t in tasks] + [_fmt_stat(m["final_eval_mean"]),
+                                                                                  reasons])
+    out += _table(header2, [":--"] + ["--:"] * (len(tasks) + 1) + [":--"], rows2)
+    if summary.get("focus"):
+        focus = summary["focus"]["method"]
+        out += ["", f"## Speedup of {focus} over each method", "",
+                f"Mean time to target of the method / mean time of {focus}, over the seeds (per-seed range in "
+                "brackets). '>' marks a lower bound: the method missed the target in some seed and its "
+                f"capped run length stands in for its time. '—': {focus} missed the target in some seed.", ""]
+        rows3 = []
+        for label, per_key in summary["focus"]["speedup_over"].items():
+            rows3.append([label] + [_fmt_pair_speedup(per_key[k]) for k in keys])
+        out += _table(["vs"] + [key_name(k) for k in keys], [":--"] + ["--:"] * len(keys), rows3)
+    if summary.get("failed"):
+        out += ["", "## Runs that failed (not in the tables)", ""] + [f"- {line}" for line in summary["failed"]]
+    out += ["", "Plots: accuracy_vs_time.png (accuracy per task and mean vs simulated time on each run's own "
+                "clock: planning before round 1 is not drawn, the tables above count it), "
+                "bytes_vs_accuracy.png (mean accuracy vs cumulative upload bytes).", ""]
+    return "\n".join(out)
