@@ -20,7 +20,8 @@ import argparse
 import numpy as np
 import torch
 
-from fedlora import simulate
+from fedlora import setup as setup_mod
+from fedlora import streams
 from fedlora.aggregation import SketchedUpdate, scatter_sum
 from fedlora.config import load_config
 from fedlora.methods.manual import sketch_job
@@ -37,14 +38,14 @@ def main() -> None:
     ap.add_argument("--clients", default="0,1")
     args = ap.parse_args()
     cfg = load_config(args.config)
-    setup = simulate.build_setup(cfg)
+    setup = setup_mod.build_setup(cfg)
     ctx = setup.method_context()
-    state = setup.engine.init_state(simulate.derived_seed(cfg.seed, simulate.STREAM_INIT))
+    state = setup.engine.init_state(setup_mod.derived_seed(cfg.seed, streams.STREAM_INIT))
     r = cfg.lora.rank
 
     def update(client: int, k: int, draw: int) -> torch.Tensor:
         job = sketch_job(ctx, state, draw, client, k)  # the draw picks the rank subset
-        res = simulate.local_train(setup, job, 1)  # the same batches for every draw
+        res = setup_mod.local_train(setup, job, 1)  # the same batches for every draw
         delta = {n: (a - job.start[n][0], b - job.start[n][1]) for n, (a, b) in res.state.items()}
         return flat(scatter_sum(state, [SketchedUpdate(client_id=client, rank_indices=job.rank_indices,
                                                        delta=delta, weight=1.0)]))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from fedlora import setup as setup_mod
 from fedlora import simulate
 
 
@@ -18,7 +19,7 @@ def killed_then_resumed(monkeypatch):
     """killed_then_resumed(cfg, out, setup, at_round): run into `out`, killed (KeyboardInterrupt)
     as round `at_round` starts training, after round at_round - 1's checkpoint; then resume it
     to the end. Returns the metric rows the killed run had left."""
-    real = simulate.client_batches
+    real = setup_mod.client_batches
 
     def run(cfg, out, setup, at_round: int) -> list[dict]:
         def crash(s, client, round_idx):
@@ -26,12 +27,12 @@ def killed_then_resumed(monkeypatch):
                 raise KeyboardInterrupt("killed")
             return real(s, client, round_idx)
 
-        monkeypatch.setattr(simulate, "client_batches", crash)
+        monkeypatch.setattr(setup_mod, "client_batches", crash)
         with pytest.raises(KeyboardInterrupt):
             simulate.run(cfg, out, setup=setup, progress=False)
         assert not (out / "result.json").exists()  # killed: no result
         left = metric_rows(out)
-        monkeypatch.setattr(simulate, "client_batches", real)
+        monkeypatch.setattr(setup_mod, "client_batches", real)
         simulate.run(cfg, out, setup=setup, progress=False, resume=True)
         return left
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from fedlora import setup as setup_mod
 from fedlora import simulate
+from fedlora.methods import METHODS
 from fedlora.config import load_config
 from fedlora.flower.deploy import LocalFlower, check_result, descendants
 
@@ -71,9 +73,19 @@ def flower_deploy(tmp_path, request):
     return f.start()
 
 
+@pytest.fixture
+def flower_deploy_insecure(tmp_path, request):
+    """Without SuperNode authentication: the SuperLink re-admits a crashed, registered node only
+    once it has missed two heartbeats (up to 60 s, docs/flower.md), too slow for a test."""
+    f = LocalFlower(tmp_path / "flower", nodes=2, insecure=True)
+    request.addfinalizer(f.stop)
+    return f.start()
+
+
 def test_flower_simulation_two_rounds_matches_inprocess(flower_sim, tmp_path):
-    """`flwr run flower_app` on the simulation engine (Ray), smoke config, 2 rounds."""
-    overrides = ["train.rounds=2"]
+    """`flwr run flower_app` on the simulation engine (Ray), smoke config, 2 rounds of SOFT
+    uploading half its components: its regularizer and upload rule cross a real transport."""
+    overrides = ["train.rounds=2", "method=soft", "options.soft_rho=0.5"]
     out = tmp_path / "flower_out"
     tree = flower_sim.pids() + descendants(flower_sim.superlink.pid)
     done = flower_sim.run(SMOKE, out, overrides=overrides, round_timeout=300, timeout=600)
@@ -96,11 +108,20 @@ def test_flower_simulation_two_rounds_matches_inprocess(flower_sim, tmp_path):
 # leaves the tolerances (on the smoke config the default lambda and lr stay within them).
 @pytest.mark.slow
 def test_local_deployment_matches_inprocess(flower_deploy, tmp_path):
-    """SuperLink + 2 SuperNodes on 127.0.0.1 (partition-id 0, 1): same numbers as the simulator.
-    (Two nodes: each round starts a ClientApp process per node, and two fit 2 cores.)"""
+    """SuperLink + 2 SuperNodes on 127.0.0.1 (partition-id 0, 1), TLS and SuperNode
+    authentication on: same numbers as the simulator, and a node whose key was never
+    registered is refused. (Two nodes: each round starts a ClientApp process per node, and
+    two fit 2 cores.)"""
+    from fedlora.flower.credentials import write_node_key
+
+    assert flower_deploy.tls is not None and len(flower_deploy.node_keys) == 2
+    intruder = flower_deploy.start_node(2, wait=False,
+                                        private_key=write_node_key(tmp_path, "intruder").private_key)
     overrides = ["data.num_clients=2", "train.rounds=2"]
     out = tmp_path / "deploy_out"
     done = flower_deploy.run(SMOKE, out, overrides=overrides, round_timeout=300, timeout=900)
+    assert intruder.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in (flower_deploy.logs / "supernode2.log").read_text()
     assert done.returncode == 0, done.stdout[-3000:]
     result = check_result(out)
     got = rows(out)
@@ -113,10 +134,11 @@ def test_local_deployment_matches_inprocess(flower_deploy, tmp_path):
 
 
 @pytest.mark.slow
-def test_deployment_node_killed_mid_run_is_missing_and_rejoins(flower_deploy, tmp_path):
+def test_deployment_node_killed_mid_run_is_missing_and_rejoins(flower_deploy_insecure, tmp_path):
     """Kill SuperNode 1 once the run has started: its replies are missing, the run goes on;
     restarted, it rejoins. (Two rounds: every round costs each node a fresh ClientApp
     process, 40-60 s a round on a 2-core machine.)"""
+    flower_deploy = flower_deploy_insecure
     import subprocess
 
     overrides = ["data.num_clients=2", "train.rounds=2", "sampling.participation_prob=1.0", "eval.every=2"]
@@ -196,25 +218,6 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-@pytest.fixture
-def own_node_setup(monkeypatch):
-    """The ClientApp handlers get their own Setup (model, base weights), not the server's,
-    as on a real node: a merge the server does not send would leave the node behind."""
-    from fedlora.flower import client_app
-    from fedlora.flower.common import config_key
-
-    setups = {}
-
-    def node_setup(cfg):
-        key = config_key(cfg)
-        if key not in setups:
-            setups[key] = simulate.build_setup(cfg)
-        return setups[key]
-
-    monkeypatch.setattr(client_app, "cached_setup", node_setup)
-    return setups
-
-
 def run_fake(tmp_path, tamper, overrides):
     from fedlora.flower.strategy import FedLoraStrategy
 
@@ -240,23 +243,33 @@ def test_missing_and_bad_replies_are_recorded(tmp_path, caplog, task_identity):
             k = next(iter(p))
             p[k] = torch.full_like(p[k], float("nan"))
             reply.content["payload"] = ArrayRecord(dict(p))
+        if pid == 2 and t == 1:  # integer factors
+            p = reply.content["payload"].to_torch_state_dict()
+            k = next(iter(p))
+            p[k] = p[k].to(torch.int64)
+            reply.content["payload"] = ArrayRecord(dict(p))
         if pid == 1 and t == 2:  # wrong shapes
             p = reply.content["payload"].to_torch_state_dict()
             k = next(iter(p))
             p[k] = torch.zeros(p[k].shape[0] + 1, *p[k].shape[1:])
             reply.content["payload"] = ArrayRecord(dict(p))
+        if pid == 3 and t == 2:  # one rank fewer than its job, A and B consistent
+            p = reply.content["payload"].to_torch_state_dict()
+            p = {k: (v[:-1] if k.endswith(".A") else v[:, :-1]).contiguous() for k, v in p.items()}
+            reply.content["payload"] = ArrayRecord(p)
         return reply
 
     overrides = ["train.rounds=2", "sampling.participation_prob=1.0"]
     with caplog.at_level("WARNING", logger="fedlora.flower"):
         got, result = run_fake(tmp_path, tamper, overrides)
     r1, r2 = got[1], got[2]
-    assert r1["missing"] == [3] and r1["participants"] == [0, 1, 2] and r1["rejected"] == [0]
-    assert r2["missing"] == [] and r2["participants"] == [0, 1, 2, 3] and r2["rejected"] == [1]
+    assert r1["missing"] == [3] and r1["participants"] == [0, 1, 2] and r1["rejected"] == [0, 2]
+    assert r2["missing"] == [] and r2["participants"] == [0, 1, 2, 3] and r2["rejected"] == [1, 3]
     assert result["missing_replies"] == {"0": 0, "1": 0, "2": 0, "3": 1}
-    assert result["rejected_replies"] == {"0": 1, "1": 1, "2": 0, "3": 0}
+    assert result["rejected_replies"] == {"0": 1, "1": 1, "2": 1, "3": 1}
     text = caplog.text
-    assert "non-finite" in text and "shape" in text and "missing replies from clients [3]" in text
+    assert "non-finite" in text and "dtype torch.int64" in text and "missing replies from clients [3]" in text
+    assert text.count("shape") >= 2  # the extra row and the missing rank
     assert "undeliverable message" in text and "unexpected node" not in text
     assert all(math.isfinite(v) for v in result["final_eval"].values())
 
@@ -270,14 +283,46 @@ def test_fake_grid_matches_inprocess(tmp_path, task_identity):
         [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in ref]
 
 
-@pytest.mark.parametrize("method", ["soft", "flora", "hetlora"])  # tsfa sends its regularizer as soft does
-def test_fake_grid_soft_and_flora_match_inprocess(tmp_path, task_identity, own_node_setup, method):
-    """Nodes with their own model: SOFT's (and TSFA's) and HetLoRA's regularizers and FLoRA's
-    merged base reach them, so the rows equal the simulator's exactly."""
-    overrides = [f"method={method}", "train.rounds=2", "sampling.participation_prob=1.0"]
-    got, _ = run_fake(tmp_path, None, overrides)
-    ref = inprocess(tmp_path, overrides)
-    assert own_node_setup, "the handlers did not use the node's own setup"
-    assert all(len(r["participants"]) > 0 for r in got[1:])
+@pytest.fixture(scope="module")
+def shared_setups():
+    """(server setup, node setup): built once for the module, two separate models, as the
+    server and the nodes have; each test swaps in its own config (same data and model)."""
+    cfg = load_config(SMOKE, EVERY_METHOD)
+    return setup_mod.build_setup(cfg), setup_mod.build_setup(cfg)
+
+
+# Small enough for 20 methods x 2 runs; SOFT and TSFA upload half their components (indices
+# on the wire), HetLoRA prunes, FLoRA merges into the base, FlexLoRA unicasts.
+EVERY_METHOD = ["train.rounds=2", "train.local_steps=1", "sampling.participation_prob=1.0", "lora.layers=[5]",
+                "eval.max_examples=8", "eval.final_max_examples=8", "options.soft_rho=0.5",
+                "options.hetlora_decay=0.5"]
+# HetLoRA prunes only where training shrank the tail; with SGD and every client in each round
+# one client prunes in round 2 (its upload is smaller: the node applied the rule).
+PER_METHOD = {"hetlora": ["train.optimizer=sgd", "options.hetlora_prune_lambda=0.1", "options.clients_per_round=4"]}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_on_flower_matches_inprocess(tmp_path, task_identity, monkeypatch, shared_setups, method):
+    """Each method, 2 rounds, through the strategy and the ClientApp handlers (nodes with their
+    own model, applying the method's upload rule) and in process: the same rows, bytes
+    included (the bytes charged on Flower are those of the replies received)."""
+    import dataclasses
+
+    from fedlora.flower import client_app
+    from fedlora.flower.strategy import FedLoraStrategy
+
+    overrides = [f"method={method}", *EVERY_METHOD, *PER_METHOD.get(method, [])]
+    cfg = load_config(SMOKE, overrides)
+    server, node = (dataclasses.replace(s, cfg=cfg) for s in shared_setups)
+    monkeypatch.setattr(client_app, "cached_setup", lambda c: dataclasses.replace(node, cfg=c))
+    run_config = {"fedlora-config": str(SMOKE), "overrides": " ".join(overrides), "out-dir": str(tmp_path / "o")}
+    FedLoraStrategy(cfg, tmp_path / "o", round_timeout=5, setup=server).start(
+        FakeGrid(run_config, cfg.data.num_clients))
+    got = rows(tmp_path / "o")
+    simulate.run(cfg, tmp_path / "ref", setup=server, progress=False)
+    ref = rows(tmp_path / "ref")
+    assert any(r["participants"] for r in got[1:]) and all(r["rejected"] == [] for r in got[1:])
     assert [{k: v for k, v in r.items() if k not in ("cpu_time_s", "missing")} for r in got] == \
         [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in ref]
+    if method == "hetlora":
+        assert got[2]["upload_bytes"] < got[1]["upload_bytes"], "no client pruned: the test shows nothing"

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from conftest import metric_rows
+from fedlora import setup as setup_mod
 from fedlora import simulate
 from fedlora.config import InputError, RunConfig, load_config
 from fedlora.methods import METHODS
-from fedlora.methods.base import ClientJob, MethodContext, payload_values, state_values
+from fedlora.methods.base import ClientJob, FactorsUpload, MethodContext, client_payload, payload_values, state_values
 from fedlora.methods.flexlora import FlexLoRA, svd_truncation
 from fedlora.methods.flora import FLoRA, stack_adapters
 from fedlora.methods.fslora import FSLoRA, default_clients_per_round, expected_max_fixed_size
@@ -80,7 +81,7 @@ def test_fslora_weighted_average_with_scatter():
             2: ClientJob(2, start={}, scaling=4.0, compute_ratio=0.5, rank_indices=np.array([1, 2]))}
     payloads = {0: {"m.A": t([[1, 2], [3, 4]]), "m.B": t([[1, 0], [0, 1], [1, 1]])},
                 2: {"m.A": t([[10, 20], [30, 40]]), "m.B": t([[7, 0], [0, 7], [7, 7]])}}
-    new = m.aggregate(1, state, jobs, payloads)
+    new = m.aggregate(1, state, jobs, payloads).state
     w0, w2 = 0.5 / 0.7, 0.2 / 0.7  # data shares renormalized over the sampled set
     a = np.ones((4, 2))
     a[0] += w0 * np.array([1, 2])
@@ -92,7 +93,7 @@ def test_fslora_weighted_average_with_scatter():
     b[:, 2] += w0 * np.array([0, 1, 1]) + w2 * np.array([0, 7, 7])
     np.testing.assert_allclose(new["m"][0].numpy(), a, atol=1e-12)
     np.testing.assert_allclose(new["m"][1].numpy(), b, atol=1e-12)
-    assert m.aggregate(2, state, {}, {}) is state  # empty round: unchanged
+    assert m.aggregate(2, state, {}, {}).state is state  # empty round: unchanged
 
 
 def test_fslora_configure_round_sketches_fixed_size_set():
@@ -170,20 +171,20 @@ def test_hetlora_zero_padded_average_over_all_sampled_clients():
     """The paper's rule: trained factors zero-padded to rank r, weights normalised over every
     sampled client, so a rank few clients hold is pulled towards zero."""
     m, state, jobs, payloads = _het_setup("data_share", x0=1.0)
-    new = m.aggregate(1, state, jobs, payloads)
+    new = m.aggregate(1, state, jobs, payloads).state
     # trained factors 1 + c_i = 2, 3, 5; rank 0 held by all, rank 1 by clients 0 and 1, ranks 2-3 by client 0
     per_rank = [0.5 * 2 + 0.3 * 3 + 0.2 * 5, 0.5 * 2 + 0.3 * 3, 0.5 * 2, 0.5 * 2]
     np.testing.assert_allclose(new["m"][0].numpy(), np.repeat(np.array(per_rank)[:, None], 2, 1), atol=1e-12)
     np.testing.assert_allclose(new["m"][1].numpy(), np.repeat(np.array(per_rank)[None, :], 3, 0), atol=1e-12)
     # clients 1 and 2 only: weights .3/.5 and .2/.5; the ranks neither holds go to zero
     jobs5 = {i: dataclasses.replace(jobs[i], start=truncate(ones_state(5.0), k)) for i, k in ((1, 2), (2, 1))}
-    new2 = m.aggregate(1, ones_state(5.0), jobs5, {1: payloads[1], 2: payloads[2]})
+    new2 = m.aggregate(1, ones_state(5.0), jobs5, {1: payloads[1], 2: payloads[2]}).state
     np.testing.assert_allclose(new2["m"][0][:, 0].numpy(), [0.6 * 7 + 0.4 * 9, 0.6 * 7, 0.0, 0.0], atol=1e-12)
 
 
 def test_hetlora_sparsity_weighting():
     m, state, jobs, payloads = _het_setup("norm")
-    new = m.aggregate(1, state, jobs, payloads)
+    new = m.aggregate(1, state, jobs, payloads).state
     # start 0, so B_i A_i = c^2 k * ones(3, 2): norms 4, 8, 16 (times sqrt 6, which cancels)
     per_rank = [(4 * 1 + 8 * 2 + 16 * 4) / 28, (4 * 1 + 8 * 2) / 28, 4 / 28, 4 / 28]
     np.testing.assert_allclose(new["m"][0][:, 0].numpy(), per_rank, atol=1e-12)
@@ -199,14 +200,14 @@ def test_hetlora_self_pruning():
     assert float(job.regularizer(job.start)) == pytest.approx(0.1 * math.sqrt(6) * 2)
     a, b = job.start["m"]
     grown = {"m": (a * 2, b * 2)}
-    assert m.client_payload(job, grown)["m.A"].shape == (4, 2)  # tail grew: all 4 ranks, no pruning
+    assert client_payload(job, grown)["m.A"].shape == (4, 2)  # tail grew: all 4 ranks, no pruning
     shrunk_a, shrunk_b = a + 0.25, b.clone()
     shrunk_a[2:] = 0.5
-    payload = m.client_payload(job, {"m": (shrunk_a, shrunk_b)})  # tail shrank: keep floor(0.5 * 4) = 2
+    payload = client_payload(job, {"m": (shrunk_a, shrunk_b)})  # tail shrank: keep floor(0.5 * 4) = 2
     assert payload["m.A"].shape == (2, 2) and payload["m.B"].shape == (3, 2)
     np.testing.assert_allclose(payload["m.A"].numpy(), 0.25)
     jobs = {0: job}
-    new = m.aggregate(1, state, jobs, {0: payload})
+    new = m.aggregate(1, state, jobs, {0: payload}).state
     np.testing.assert_allclose(new["m"][0][:, 0].numpy(), [1.25, 1.25, 0.0, 0.0])  # pruned ranks padded with 0
     assert m.ranks.tolist() == [2, 2, 1]  # client 0 keeps its new rank
     assert m.configure_round(2, new).jobs[0].start["m"][0].shape == (2, 2)
@@ -221,11 +222,11 @@ def test_hetlora_rank_average_variant():
     m = HetLoRARankAverage(make_ctx(options={"clients_per_round": 3, "client_ranks": [4, 2, 1]}))
     _, state, jobs, payloads = _het_setup("data_share")
     assert all(j.regularizer is None for j in m.configure_round(1, state).jobs)  # no pruning
-    new = m.aggregate(1, state, jobs, payloads)
+    new = m.aggregate(1, state, jobs, payloads).state
     per_rank = [(0.5 * 1 + 0.3 * 2 + 0.2 * 4) / 1.0, (0.5 * 1 + 0.3 * 2) / 0.8, 1.0, 1.0]
     np.testing.assert_allclose(new["m"][0].numpy(), np.repeat(np.array(per_rank)[:, None], 2, 1), atol=1e-12)
     np.testing.assert_allclose(new["m"][1].numpy(), np.repeat(np.array(per_rank)[None, :], 3, 0), atol=1e-12)
-    new2 = m.aggregate(1, ones_state(5.0), {1: jobs[1], 2: jobs[2]}, {1: payloads[1], 2: payloads[2]})
+    new2 = m.aggregate(1, ones_state(5.0), {1: jobs[1], 2: jobs[2]}, {1: payloads[1], 2: payloads[2]}).state
     assert torch.all(new2["m"][0][2:] == 5.0) and torch.all(new2["m"][1][:, 2:] == 5.0)
     np.testing.assert_allclose(new2["m"][0][0].numpy(), 5 + (0.3 * 2 + 0.2 * 4) / 0.5)
 
@@ -244,16 +245,16 @@ def test_flora_fresh_adapters_stack_exactly_and_merge():
         k = m.ranks[j.client_id]
         a, b = j.start["m"]
         assert a.shape == (k, 2) and b.shape == (3, k) and torch.all(b == 0) and torch.any(a != 0)
-        assert j.scaling == 2.0 and j.compute_ratio == k / 4
+        assert j.scaling == 2.0 and j.compute_ratio == k / 4 and isinstance(j.upload, FactorsUpload)
     again = FLoRA(ctx).configure_round(1, state)
     assert all(torch.equal(x.start["m"][0], y.start["m"][0]) for x, y in zip(rc.jobs, again.jobs))
 
     g = torch.Generator().manual_seed(0)
     trained = {0: {"m": (torch.randn(4, 2, generator=g, dtype=T), torch.randn(3, 4, generator=g, dtype=T))},
                2: {"m": (torch.randn(1, 2, generator=g, dtype=T), torch.randn(3, 1, generator=g, dtype=T))}}
-    jobs = {i: ClientJob(i, start={"m": (torch.zeros_like(a), torch.zeros_like(b))}, scaling=2.0, compute_ratio=1.0)
-            for i, (a, b) in ((i, f["m"]) for i, f in trained.items())}
-    payloads = {i: m.client_payload(jobs[i], trained[i]) for i in trained}
+    jobs = {i: ClientJob(i, start={"m": (torch.ones_like(a), torch.ones_like(b))}, scaling=2.0, compute_ratio=1.0,
+                         upload=FactorsUpload()) for i, (a, b) in ((i, f["m"]) for i, f in trained.items())}
+    payloads = {i: client_payload(jobs[i], trained[i]) for i in trained}
     # upload = the full factors, numel r_i (in + out)
     assert torch.equal(payloads[0]["m.A"], trained[0]["m"][0]) and payload_values(payloads[2]) == 1 * 5
     p0, p2 = 0.5 / 0.7, 0.2 / 0.7
@@ -263,9 +264,10 @@ def test_flora_fresh_adapters_stack_exactly_and_merge():
     assert a_s.shape == (5, 2) and b_s.shape == (3, 5)
     torch.testing.assert_close(b_s @ a_s, expected, atol=1e-12, rtol=0)
 
-    new = m.aggregate(1, state, jobs, payloads)
-    assert len(engine.merged) == 1
-    torch.testing.assert_close(engine.merged[0]["m"].double(), 2.0 * expected, atol=1e-5, rtol=1e-5)
+    agg = m.aggregate(1, state, jobs, payloads)
+    new = agg.state
+    assert not engine.merged  # the method returns the merge, the loop applies it
+    torch.testing.assert_close(agg.base_merge["m"].double(), 2.0 * expected, atol=1e-5, rtol=1e-5)
     assert torch.all(new["m"][1] == 0)  # the global LoRA restarts
     rc2 = m.configure_round(2, new)
     assert rc2.broadcast_values == (4 + 1) * (2 + 3)  # the stacked factors go down to every client
@@ -285,14 +287,16 @@ def test_flexlora_svd_truncation_is_best_rank_r():
     ranks = {0: 4, 1: 2}
     trained = {i: {n: (torch.randn(k, fi, generator=g, dtype=T), torch.randn(fo, k, generator=g, dtype=T))
                    for n, (fi, fo) in shapes.items()} for i, k in ranks.items()}
-    jobs = {i: ClientJob(i, start=trained[i], scaling=2.0, compute_ratio=1.0) for i in trained}
-    payloads = {i: m.client_payload(jobs[i], trained[i]) for i in trained}
+    jobs = {i: ClientJob(i, start={n: (a + 1, b + 1) for n, (a, b) in trained[i].items()}, scaling=2.0,
+                         compute_ratio=1.0, upload=FactorsUpload()) for i in trained}
+    payloads = {i: client_payload(jobs[i], trained[i]) for i in trained}
     assert payload_values(payloads[1]) == 2 * (5 + 11)
-    new = m.aggregate(1, ones_state(shapes=shapes), jobs, payloads)
+    agg = m.aggregate(1, ones_state(shapes=shapes), jobs, payloads)
+    new = agg.state
     # the server step is charged as FLOPs / server_flops_hz, by hand: module m (in 2, out 3):
     # products (2*3*4*2 + 2*3*2) + (2*3*2*2 + 2*3*2) = 96, SVD 4*3*2^2 + 22*2^3 = 224;
     # module n (in 6, out 5): products 300 + 180 = 480, SVD 4*6*5^2 + 22*5^3 = 3350
-    assert m.server_time_s() == pytest.approx((96 + 224 + 480 + 3350) / ctx.cfg.system.server_flops_hz, rel=1e-12)
+    assert agg.server_s == pytest.approx((96 + 224 + 480 + 3350) / ctx.cfg.system.server_flops_hz, rel=1e-12)
     p0, p1 = 0.5 / 0.8, 0.3 / 0.8
     for n in shapes:
         w = (p0 * trained[0][n][1] @ trained[0][n][0] + p1 * trained[1][n][1] @ trained[1][n][0]).numpy()
@@ -314,10 +318,9 @@ def test_flexlora_svd_truncation_is_best_rank_r():
     assert rc.broadcast_values == 0
     for j in rc.jobs:
         k = m.ranks[j.client_id]
-        assert j.unicast_values == k * (5 + 11) and j.scaling == 2.0
+        assert j.unicast_values == k * (5 + 11) and j.scaling == 2.0 and isinstance(j.upload, FactorsUpload)
         assert torch.equal(j.start["n"][0], new["n"][0][:k])
-    m.aggregate(3, new, {}, {})
-    assert m.server_time_s() == 0.0
+    assert m.aggregate(3, new, {}, {}).server_s == 0.0
 
 
 def test_svd_truncation_rank_deficient_keeps_ranks_trainable():
@@ -396,7 +399,7 @@ def setup():
     cfg = load_config(SMOKE, ["train.rounds=2", "train.local_steps=1", "eval.every=2", "eval.max_examples=4",
                               "eval.final_max_examples=4", "options.clients_per_round=2",
                               f"options.client_ranks={RANKS}"])
-    return simulate.build_setup(cfg)
+    return setup_mod.build_setup(cfg)
 
 
 @pytest.mark.parametrize("name", NEW_METHODS)

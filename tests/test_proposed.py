@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import metric_rows
-from fedlora import pilot, simulate
+from fedlora import loop, pilot, simulate
+from fedlora import setup as setup_mod
 from fedlora.config import InputError, load_config
 from fedlora.methods.proposed import plan_problem
 from fedlora.methods import get_method
@@ -24,7 +25,7 @@ CONSTANTS = "planner.constants={alpha: 2.0, beta: 1.0, gamma: 0.05, delta: 0.5}"
 
 @pytest.fixture(scope="module")
 def setup():
-    return simulate.build_setup(load_config(SMOKE, [CONSTANTS, "method=proposed", "train.rounds=2"]))
+    return setup_mod.build_setup(load_config(SMOKE, [CONSTANTS, "method=proposed", "train.rounds=2"]))
 
 
 def test_run_plans_then_trains_with_the_plan(setup, tmp_path):
@@ -121,7 +122,7 @@ def test_pilots_without_a_target_are_bad_input(tmp_path):
 @pytest.fixture(scope="module")
 def online_setup():
     """proposed on the smoke config with no planner keys (online planning), re-planning every round."""
-    return simulate.build_setup(load_config(SMOKE, ["method=proposed", "train.rounds=3", "lora.layers=[5]",
+    return setup_mod.build_setup(load_config(SMOKE, ["method=proposed", "train.rounds=3", "lora.layers=[5]",
                                                    "planner.online.replan_every=1"]))
 
 
@@ -196,7 +197,7 @@ def test_replanning_keeps_every_round_unbiased(online_setup):
             for n_, (a, b) in delta[i].items():
                 payloads[i][f"{n_}.A"] = a[idx] * r / k
                 payloads[i][f"{n_}.B"] = b[:, idx] * r / k
-        new = method.aggregate(t, state, jobs, payloads)
+        new = method.aggregate(t, state, jobs, payloads).state
         for n_ in total:
             total[n_] = (total[n_][0] + new[n_][0] - state[n_][0], total[n_][1] + new[n_][1] - state[n_][1])
     assert {tuple(q) for q in plans} <= used and len(method.history) >= rounds  # re-planned every round
@@ -219,7 +220,7 @@ def test_pilot_constants_of_another_config_are_refused(setup, tmp_path, monkeypa
         return {"stop_reason": "stop_when", "rounds": (3 + 0.7 * p2 / q) / (1 - 0.2 * p2 / (q * s)),
                 "sim_time_s": 100.0}
 
-    monkeypatch.setattr(simulate, "run", fake_run)
+    monkeypatch.setattr(loop, "run", fake_run)  # the pilots run through the loop
     cfg = load_config(SMOKE, ["planner.constants=pilots", "planner.pilot={target_loss: 1.0}"])
     consts, cost = pilot.resolve_constants(cfg, tmp_path, setup=setup, progress=False)
     assert cost == pytest.approx(4 * 100.0) and len(calls) == 4

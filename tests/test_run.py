@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedlora import setup as setup_mod
+from fedlora import streams
 from fedlora import simulate
 from fedlora.config import InputError, load_config
 
@@ -20,7 +22,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 @pytest.fixture(scope="module")
 def setup():
-    return simulate.build_setup(load_config(SMOKE))
+    return setup_mod.build_setup(load_config(SMOKE))
 
 
 def rows(out):
@@ -114,9 +116,9 @@ def test_same_seed_same_numbers_and_the_probe_only_measures(setup, tmp_path):
     ra, rb = without_cpu_time(rows(a)), without_cpu_time(rows(b))
     assert all("probe_loss" not in r for r in ra) and all("probe_loss" in r for r in rb)
     assert [{k: v for k, v in r.items() if k != "probe_loss"} for r in rb] == ra
-    idx = simulate.subsample(len(setup.train), 12, seed=simulate.derived_seed(cfg.seed, simulate.STREAM_PROBE))
+    idx = setup_mod.subsample(len(setup.train), 12, seed=setup_mod.derived_seed(cfg.seed, streams.STREAM_PROBE))
     qs = [setup.train[i] for i in idx]
-    state = setup.engine.init_state(simulate.derived_seed(cfg.seed, simulate.STREAM_INIT))
+    state = setup.engine.init_state(setup_mod.derived_seed(cfg.seed, streams.STREAM_INIT))
     scores = setup.engine.scores(state, scaling=cfg.lora.alpha / cfg.lora.rank, questions=qs)
     by_hand = sum(-torch.log_softmax(scores[j, :len(q.options)], 0)[q.label].item() for j, q in enumerate(qs)) / len(qs)
     assert rb[0]["probe_loss"] == pytest.approx(by_hand, rel=1e-5)
@@ -224,7 +226,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
 
 def test_eval_schedule_by_rounds_and_by_simulated_time():
     from fedlora.config import load_config
-    from fedlora.simulate import eval_due
+    from fedlora.loop import eval_due
 
     cfg = load_config(None, ["train.rounds=10", "eval.every=3"])
     assert [t for t in range(1, 11) if eval_due(cfg, t, 0.0, 1.0)] == [3, 6, 9, 10]

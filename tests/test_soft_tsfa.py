@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from fedlora import setup as setup_mod
 from fedlora import simulate
 from fedlora.aggregation import SketchedUpdate, scatter_sum
 from fedlora.config import load_config
 from fedlora.methods import METHODS
-from fedlora.methods.base import MethodContext, payload_values
+from fedlora.methods.base import MethodContext, client_payload, payload_values
 from fedlora.methods.manual import IndependentSketch
 from fedlora.methods.soft import Soft, decode_indices, encode_indices
 from fedlora.methods.tsfa import Tsfa
@@ -247,11 +248,11 @@ def test_soft_rho1_lambda0_equals_manual_on_fake_payloads():
         pay_m, pay_s = {}, {}
         for jm, js in zip(rc_m.jobs, rc_s.jobs):
             assert js.regularizer is None and js.scaling == jm.scaling and js.compute_ratio == jm.compute_ratio
-            pay_m[jm.client_id] = manual.client_payload(jm, fake_trained(jm, 100 * t + jm.client_id))
-            pay_s[js.client_id] = soft.client_payload(js, fake_trained(js, 100 * t + js.client_id))
+            pay_m[jm.client_id] = client_payload(jm, fake_trained(jm, 100 * t + jm.client_id))
+            pay_s[js.client_id] = client_payload(js, fake_trained(js, 100 * t + js.client_id))
             assert payload_values(pay_s[js.client_id]) == payload_values(pay_m[jm.client_id])
-        state_m = manual.aggregate(t, state_m, {j.client_id: j for j in rc_m.jobs}, pay_m)
-        state_s = soft.aggregate(t, state_s, {j.client_id: j for j in rc_s.jobs}, pay_s)
+        state_m = manual.aggregate(t, state_m, {j.client_id: j for j in rc_m.jobs}, pay_m).state
+        state_s = soft.aggregate(t, state_s, {j.client_id: j for j in rc_s.jobs}, pay_s).state
         for m in state_m:
             assert torch.equal(state_m[m][0], state_s[m][0]) and torch.equal(state_m[m][1], state_s[m][1])
 
@@ -267,9 +268,9 @@ def test_sparse_upload_is_what_is_sent(bpv, method_cls):
     job = rc.jobs[0]
     assert job.regularizer is not None
     for keep in (1, 2, 4):
-        job.keep = keep
+        job.upload = dataclasses.replace(job.upload, keep=keep)
         trained = fake_trained(job, 5)
-        pay = m.client_payload(job, trained)
+        pay = client_payload(job, trained)
         # values + int32 indices (when not every rank is sent) [+ TSFA's r energy values], at their true size
         assert payload_values(pay) == m.upload_values(keep)
         idx_bytes = 0 if keep == 4 else 4 * keep * len(ctx.module_shapes)
@@ -284,7 +285,7 @@ def test_sparse_upload_is_what_is_sent(bpv, method_cls):
             assert torch.equal(pay[f"{name}.A"], (a1 - a0)[torch.as_tensor(idx)])
             assert torch.equal(pay[f"{name}.B"], (b1 - b0)[:, torch.as_tensor(idx)])
         # the server puts the components back where they came from
-        new = m.aggregate(1, state, {job.client_id: job}, {job.client_id: pay})
+        new = m.aggregate(1, state, {job.client_id: job}, {job.client_id: pay}).state
         w = ctx.data_share[job.client_id] / 1.0
         for name, (a0, b0) in state.items():
             idx = decode_indices(pay[f"{name}.idx"]) if keep < 4 else np.arange(4)
@@ -314,8 +315,8 @@ def test_tsfa_round_decision_and_state():
         if ids:
             assert math.isclose(sum(info["tsfa_bandwidth_hz"]), ctx.cfg.system.bandwidth_hz, rel_tol=1e-9)
         assert math.isclose(m.controller.queue, max(q_before + lat - plan["latency_budget_s"], 0.0), abs_tol=1e-12)
-        pays = {j.client_id: m.client_payload(j, fake_trained(j, t * 10 + j.client_id)) for j in rc.jobs}
-        state = m.aggregate(t, state, {j.client_id: j for j in rc.jobs}, pays)
+        pays = {j.client_id: client_payload(j, fake_trained(j, t * 10 + j.client_id)) for j in rc.jobs}
+        state = m.aggregate(t, state, {j.client_id: j for j in rc.jobs}, pays).state
         seen.append(info["tsfa_keep_ranks"])
     assert len(set(seen)) > 1  # it does adapt rho
     # checkpoint round trip
@@ -338,7 +339,7 @@ COMMON = ["sketch.ratio=1", "options.soft_rho=1", "options.soft_lambda=0", "trai
 
 @pytest.fixture(scope="module")
 def setup():
-    return simulate.build_setup(load_config(SMOKE, COMMON))
+    return setup_mod.build_setup(load_config(SMOKE, COMMON))
 
 
 def with_cfg(setup, overrides):

@@ -92,7 +92,7 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
     quiet_libraries()
     from .methods.proposed import Proposed
     from .pilot import resolve_constants
-    from .simulate import build_setup, clients_json
+    from .setup import build_setup, clients_json
 
     setup = build_setup(cfg)
     ctx = setup.method_context()
@@ -227,12 +227,16 @@ def flower_demo(config: Path = typer.Argument(..., help="YAML run config"),
                 out: Path = typer.Option(..., "-o", "--out", help="run folder (must not exist or be empty)"),
                 nodes: Optional[int] = typer.Option(None, "--nodes", help="SuperNodes (default data.num_clients)"),
                 round_timeout: float = typer.Option(600.0, "--round-timeout", help="seconds per round"),
+                insecure: bool = typer.Option(False, "--insecure",
+                                              help="no TLS, no SuperNode authentication (any local process may join)"),
                 overrides: Optional[list[str]] = OverridesArg):
-    """Run CONFIG on a local Flower deployment (SuperLink + one SuperNode per client on 127.0.0.1)."""
+    """Run CONFIG on a local Flower deployment (SuperLink + one SuperNode per client on 127.0.0.1),
+    with TLS and SuperNode authentication unless --insecure."""
     quiet_libraries()
     from .flower.deploy import demo
 
-    result = demo(config, out, nodes=nodes, overrides=overrides or [], round_timeout=round_timeout)
+    result = demo(config, out, nodes=nodes, overrides=overrides or [], round_timeout=round_timeout,
+                  insecure=insecure)
     _print_result(result, out)
     missing = {k: v for k, v in result.get("missing_replies", {}).items() if v}
     typer.echo(f"missing replies per client: {missing or 'none'}")

@@ -97,6 +97,7 @@ def compare(cfg: RunConfig, out: str | Path, methods: Iterable[str] | None = Non
     """
     from . import simulate
     from .report import report
+    from .setup import build_setup
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -125,7 +126,7 @@ def compare(cfg: RunConfig, out: str | Path, methods: Iterable[str] | None = Non
             continue
         if setup_seed != job.seed:
             setup = None  # free the previous seed's model before building the next
-            setup = simulate.build_setup(job.cfg)
+            setup = build_setup(job.cfg)
             setup_seed = job.seed
         verb = {"resume": "resuming", "restart": "restarting", "new": "running"}[job.state]
         log(f"{tag}: {verb} -> {job.folder}")

@@ -79,21 +79,21 @@ def pilot_run_config(cfg: RunConfig, q: float, s: float, pc: PilotConfig) -> Run
 def run_pilots(cfg: RunConfig, out: Path, *, setup=None, progress: bool = True, log=print) -> dict:
     """Run the pilot settings into out/<k>_q<q>_s<s>/, estimate the constants, write
     out/constants.json and return it. Raises InputError with the reason when it cannot."""
-    from . import simulate
+    from . import loop
+    from .setup import build_setup
 
     pc = pilot_config(cfg)
     check_planner_inputs(cfg.model_copy(update={"planner": cfg.planner.model_copy(update={"constants": "pilots"})}))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    setup = setup or simulate.build_setup(cfg)
+    setup = setup or build_setup(cfg)
     observations, runs = [], []
     for k, (q, s) in enumerate(pc.settings):
         pcfg = pilot_run_config(cfg, q, s, pc)
         folder = out / f"{k}_q{q:g}_s{s:g}"
         stop = (lambda rows: loss_reached(rows, pc.target_loss)) if pc.target_loss is not None else None
         log(f"pilot {k + 1}/{len(pc.settings)}: q={q:g} s={s:g} -> {folder}")
-        result = simulate.run(pcfg, folder, resume=folder.exists(), setup=setup,
-                              progress=progress, stop_when=stop)
+        result = loop.run(pcfg, folder, resume=folder.exists(), setup=setup, progress=progress, stop_when=stop)
         if result["stop_reason"] not in ("target_accuracy", "stop_when"):
             raise InputError(f"planner.pilot: pilot q={q:g} s={s:g} did not reach the pilot target within "
                              f"{pc.max_rounds} rounds (planner.pilot.max_rounds); raise it or ease the target")
@@ -153,7 +153,7 @@ def resolve_constants(cfg: RunConfig, out: Path, *, setup=None,
     if given == "online":
         return None, 0.0
     if isinstance(given, ConstantsConfig):
-        from .simulate import constants_from_config
+        from .setup import constants_from_config
 
         return constants_from_config(cfg), given.planning_time_s
     saved = Path(out) / "pilot" / "constants.json"

@@ -196,6 +196,7 @@ def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) 
 
     from . import simulate
     from .quiet import quiet_libraries
+    from .setup import build_setup
 
     quiet_libraries()
     torch.set_num_threads(threads)
@@ -211,7 +212,7 @@ def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) 
     key = (_setup_key(cfg), cfg.seed)
     if _SETUP_CACHE.get("key") != key:  # same data, profiles and model: reuse the last setup of this process
         _SETUP_CACHE.clear()
-        _SETUP_CACHE.update(key=key, setup=simulate.build_setup(cfg))
+        _SETUP_CACHE.update(key=key, setup=build_setup(cfg))
     return simulate.run(cfg, folder, resume=resume, overwrite=not resume, progress=False, stop_when=stop,
                         setup=_SETUP_CACHE["setup"])
 
@@ -220,7 +221,7 @@ _SETUP_CACHE: dict = {}  # one per process: the model is the big part, keep only
 
 
 def _setup_key(cfg: RunConfig) -> str:
-    """What simulate.build_setup depends on: the setting without the evaluation schedule
+    """What setup.build_setup depends on: the setting without the evaluation schedule
     (pilots evaluate less often than the reference but share its data, model and caches)."""
     c = cfg.model_copy(deep=True)
     c.eval.every, c.eval.every_s = 1, None

@@ -3,8 +3,10 @@
 query: answers with its partition id, sample count and (simulated) system profile.
 train: trains the sub-adapter it was sent with Engine.train_local on exactly the batches
 the in-process simulator draws (client_batches(setup, partition_id, round)), on the base
-the server sent (merged deltas, FLoRA) and with the regularizer it described (SOFT), and
-returns the change of every factor it trained (the default Method payload).
+the server sent (merged deltas, FLoRA) and with the regularizer it described (SOFT,
+HetLoRA), and returns what the job's upload rule says (the change of every factor, the
+factors themselves, SOFT's top components, HetLoRA's pruned ranks): the bytes that cross
+the network are the method's own.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .common import (array_record, cached_setup, config_key, load_run_config, record_tensors,
-                     regularizer_from_config, tensors_to_state)
+from .common import array_record, cached_setup, config_key, load_run_config, record_tensors, tensors_to_state, wire_object
 
 log = logging.getLogger("fedlora.flower")
 
@@ -53,8 +54,8 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from ..methods.base import ClientJob, Method
-    from ..simulate import local_train
+    from ..methods.base import ClientJob, DeltaUpload, client_payload
+    from ..setup import local_train
 
     t0 = time.perf_counter()
     cfg = load_run_config(context.run_config)
@@ -74,10 +75,10 @@ def train(msg: Message, context: Context) -> Message:
     idx = list(job_cfg.get("rank-indices", []))
     job = ClientJob(client_id=pid, start=start, scaling=float(job_cfg["scaling"]),
                     compute_ratio=float(job_cfg["compute-ratio"]), rank_indices=np.asarray(idx, dtype=np.int64),
-                    regularizer=regularizer_from_config(job_cfg))
+                    regularizer=wire_object("reg", job_cfg), upload=wire_object("upload", job_cfg) or DeltaUpload())
     t = int(job_cfg["round"])
     res = local_train(setup, job, t)
-    payload = Method.client_payload(None, job, res.state)  # default rule: change of every factor
+    payload = client_payload(job, res.state)  # the method's upload rule, applied here
     loss = float(np.mean(res.losses)) if res.losses else float("nan")
     metrics = MetricRecord({"loss": loss, "finite": int(bool(res.finite)), "num-steps": int(res.num_steps),
                             "compute-s": float(res.compute_s), "setup-s": float(t_setup),

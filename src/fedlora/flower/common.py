@@ -68,7 +68,7 @@ _LOCK = threading.Lock()
 
 
 def cached_setup(cfg: RunConfig):
-    from ..simulate import build_setup
+    from ..setup import build_setup
 
     key = config_key(cfg)
     with _LOCK:
@@ -106,26 +106,28 @@ def record_tensors(record) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
 
 
-def expected_payload_shapes(start) -> dict[str, tuple[int, ...]]:
-    """Shapes of the default payload (change of every factor) of a job starting at `start`."""
-    out = {}
-    for name, (a, b) in start.items():
-        out[f"{name}.A"], out[f"{name}.B"] = tuple(a.shape), tuple(b.shape)
-    return out
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int16)
 
 
-def check_payload(payload: dict[str, torch.Tensor], start) -> str | None:
-    """Why a reply's payload is unusable (None when it is fine)."""
-    want = expected_payload_shapes(start)
-    if set(payload) != set(want):
-        missing, extra = sorted(set(want) - set(payload)), sorted(set(payload) - set(want))
-        return f"wrong tensors (missing {missing[:2]}, unknown {extra[:2]})"
-    for k, shape in want.items():
-        if tuple(payload[k].shape) != shape:
-            return f"{k}: shape {tuple(payload[k].shape)}, expected {shape}"
-        if payload[k].dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            return f"{k}: dtype {payload[k].dtype}"
-    if not all(bool(torch.isfinite(v).all()) for v in payload.values()):
+def check_payload(payload: dict[str, torch.Tensor], job) -> str | None:
+    """Why a reply's payload is unusable for `job` (None when it is fine): its tensors must be
+    one of the shapes the job's upload rule can produce, factors in a float dtype, indices
+    (`*.idx`) in an integer one, and every value finite."""
+    options = job.upload.shapes(job.start)
+    got = {k: tuple(v.shape) for k, v in payload.items()}
+    if got not in options:
+        want = options[0]
+        if set(got) != set(want):
+            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+            return f"wrong tensors (missing {missing[:2]}, unknown {extra[:2]})"
+        k = next(k for k in want if got[k] != want[k])
+        return f"{k}: shape {got[k]}, expected {want[k]}" + (" or another upload size" if len(options) > 1 else "")
+    for k, v in payload.items():
+        allowed = INDEX_DTYPES if k.endswith(".idx") else FLOAT_DTYPES
+        if v.dtype not in allowed:
+            return f"{k}: dtype {v.dtype}"
+    if not all(bool(torch.isfinite(v).all()) for v in payload.values() if v.dtype in FLOAT_DTYPES):
         return "non-finite values (NaN/inf)"
     return None
 
@@ -134,28 +136,31 @@ def indices_list(idx) -> list[int]:
     return [] if idx is None else [int(i) for i in np.asarray(idx).ravel()]
 
 
-# A job's regularizer (SOFT's orthogonality penalty, HetLoRA's tail penalty) is a frozen
-# dataclass of plain numbers; it travels as its kind and fields in the job's ConfigRecord and
-# the node rebuilds the same object.
-def _regularizer_classes() -> dict:
-    from ..methods.hetlora import TailRegularizer
-    from ..methods.soft import OrthogonalityRegularizer
+# A job's regularizer (SOFT's orthogonality penalty, HetLoRA's tail penalty) and its upload
+# rule (methods.base.DeltaUpload, ...) are frozen dataclasses of plain numbers; each travels as
+# its kind and fields in the job's ConfigRecord ("reg-*", "upload-*") and the node rebuilds
+# the same object.
+def _wire_classes() -> dict:
+    from ..methods.base import DeltaUpload, FactorsUpload
+    from ..methods.hetlora import PruningUpload, TailRegularizer
+    from ..methods.soft import OrthogonalityRegularizer, TopComponentsUpload
 
-    return {cls.kind: cls for cls in (OrthogonalityRegularizer, TailRegularizer)}
+    return {"reg": {cls.kind: cls for cls in (OrthogonalityRegularizer, TailRegularizer)},
+            "upload": {cls.kind: cls for cls in (DeltaUpload, FactorsUpload, PruningUpload, TopComponentsUpload)}}
 
 
-def regularizer_config(reg) -> dict:
-    """ConfigRecord entries that define a job's regularizer ({} for none)."""
-    if reg is None:
+def wire_config(prefix: str, obj) -> dict:
+    """ConfigRecord entries that define a job's regularizer or upload rule ({} for None)."""
+    if obj is None:
         return {}
-    if type(reg) not in _regularizer_classes().values():
-        raise TypeError(f"regularizer {reg!r} cannot be sent in a Flower message")
-    return {"reg-kind": reg.kind, **{f"reg-{f.name}": getattr(reg, f.name) for f in dataclasses.fields(reg)}}
+    if type(obj) not in _wire_classes()[prefix].values():
+        raise TypeError(f"{prefix} {obj!r} cannot be sent in a Flower message")
+    return {f"{prefix}-kind": obj.kind, **{f"{prefix}-{f.name}": getattr(obj, f.name) for f in dataclasses.fields(obj)}}
 
 
-def regularizer_from_config(job_cfg):
-    """The regularizer a job's ConfigRecord defines (None for none)."""
-    if "reg-kind" not in job_cfg:
+def wire_object(prefix: str, job_cfg):
+    """The regularizer or upload rule a job's ConfigRecord defines (None when absent)."""
+    if f"{prefix}-kind" not in job_cfg:
         return None
-    cls = _regularizer_classes()[str(job_cfg["reg-kind"])]
-    return cls(**{f.name: job_cfg[f"reg-{f.name}"] for f in dataclasses.fields(cls)})
+    cls = _wire_classes()[prefix][str(job_cfg[f"{prefix}-kind"])]
+    return cls(**{f.name: job_cfg[f"{prefix}-{f.name}"] for f in dataclasses.fields(cls)})

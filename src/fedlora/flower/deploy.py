@@ -1,7 +1,10 @@
 """Start a local Flower deployment (or simulation SuperLink), run flower_app through it, stop it.
 
 Everything runs on 127.0.0.1 on free ports, with FLWR_HOME in a private folder (so the
-user's ~/.flwr is never touched) and a copy of flower_app/ (flwr 1.41 rewrites an app's
+user's ~/.flwr is never touched). By default every connection uses TLS (a throw-away CA and
+server certificate) and the SuperLink admits only SuperNodes whose public keys were
+registered with `flwr supernode register` (credentials in WORKDIR/credentials,
+fedlora.flower.credentials); `insecure=True` turns both off and a copy of flower_app/ (flwr 1.41 rewrites an app's
 pyproject.toml when it finds legacy [tool.flwr.federations] entries; the copy has them
 removed). Every process is started in its own session and stopped by its process group
 id (= the PID we started): SIGTERM, then SIGKILL after a grace period, also on error.
@@ -124,7 +127,8 @@ class LocalFlower:
     """A SuperLink (deployment, or simulation with --simulation) and N SuperNodes on 127.0.0.1."""
 
     def __init__(self, workdir: Path | None = None, *, nodes: int = 3, simulation: bool = False,
-                 num_partitions: int | None = None, env: dict | None = None, quiet: bool = True):
+                 num_partitions: int | None = None, env: dict | None = None, quiet: bool = True,
+                 insecure: bool = False):
         self._tmp = None
         if workdir is None:
             self._tmp = tempfile.mkdtemp(prefix="fedlora-flower-")
@@ -142,6 +146,10 @@ class LocalFlower:
         bindir = str(Path(sys.executable).parent)  # flower-superexec & co. are looked up on PATH
         self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
         self.quiet = quiet
+        self.insecure = insecure or simulation  # the simulation engine has no SuperNodes to admit
+        self.credentials = self.workdir / "credentials"
+        self.tls = None  # TlsFiles once started securely
+        self.node_keys: dict[int, object] = {}  # partition -> its registered NodeKey
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         self._restarts: dict[int, int] = {}
@@ -161,17 +169,28 @@ class LocalFlower:
     def start(self, timeout: float = 120.0) -> "LocalFlower":
         try:
             self.flwr_home.mkdir(parents=True, exist_ok=True)
+            if not self.insecure:
+                from .credentials import write_tls
+
+                self.tls = write_tls(self.credentials)
+            trust = 'insecure = true\n' if self.insecure else f'root-certificates = "{self.tls.ca_cert}"\n'
             (self.flwr_home / "config.toml").write_text(
                 '[superlink]\ndefault = "fedlora"\n\n[superlink.fedlora]\n'
-                f'address = "127.0.0.1:{self.control_port}"\ninsecure = true\n')
+                f'address = "127.0.0.1:{self.control_port}"\n' + trust)
             # the app's code is the installed fedlora package: no per-run environment (no uv, no network)
-            cmd = [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                    "--disable-runtime-dependency-installation"]
+            cmd += ["--insecure"] if self.insecure else [
+                "--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                "--ssl-keyfile", str(self.tls.server_key), "--enable-supernode-auth"]
             if self.simulation:
                 cmd.append("--simulation")
             self.superlink = self._popen(cmd, "superlink.log")
             self._wait(lambda: port_open(self.port), self.superlink, "superlink", timeout)
             if not self.simulation:
+                if not self.insecure:
+                    for i in range(self.nodes):
+                        self.node_keys[i] = self.register(f"node{i}")
                 for i in range(self.nodes):
                     self.start_node(i, wait=False)
                 for i in range(self.nodes):
@@ -182,17 +201,38 @@ class LocalFlower:
             self.stop()
             raise
 
-    def start_node(self, i: int, wait: bool = True, timeout: float = 120.0) -> subprocess.Popen:
-        """Start (or restart) the SuperNode of partition i."""
+    def register(self, name: str, timeout: float = 120.0):
+        """A new SuperNode key pair in credentials/, its public key registered with the SuperLink."""
+        from .credentials import write_node_key
+
+        key = write_node_key(self.credentials, name)
+        done = subprocess.run([_bin("flwr"), "supernode", "register", str(key.public_key), "fedlora"],
+                              env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"flwr supernode register {key.public_key} failed: "
+                               f"{(done.stdout + done.stderr).strip()[-500:]}")
+        return key
+
+    def start_node(self, i: int, wait: bool = True, timeout: float = 120.0,
+                   private_key: Path | None = None) -> subprocess.Popen:
+        """Start (or restart) the SuperNode of partition i, with its registered key unless
+        `private_key` names another (an unregistered node is refused by the SuperLink)."""
         old = self.supernodes.get(i)
         if old is not None and old.poll() is None:
             raise RuntimeError(f"supernode {i} is running (pid {old.pid})")
         if old is not None:  # a restart gets a fresh runtime port (the old one may linger)
             self.node_ports[i] = free_ports(1)[0]
+        while len(self.node_ports) <= i:  # a node beyond the federation's (a test's intruder)
+            self.node_ports.append(free_ports(1)[0])
         n = self._restarts[i] = self._restarts.get(i, -1) + 1
-        cmd = [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
+        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.fleet_port}",
                "--host", "127.0.0.1", "--port", str(self.node_ports[i]),
                "--node-config", f"partition-id={i} num-partitions={self.num_partitions}"]
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            key = private_key or self.node_keys[i].private_key
+            cmd += ["--root-certificates", str(self.tls.ca_cert), "--auth-supernode-private-key", str(key)]
         self.supernodes[i] = proc = self._popen(cmd, f"supernode{i}" + (f".{n}" if n else "") + ".log")
         if wait:
             self._wait(lambda: port_open(self.node_ports[i]), proc, f"supernode {i}", timeout)
@@ -276,8 +316,10 @@ def check_result(out: Path, logs: Path | None = None) -> dict:
 
 
 def demo(config: Path, out: Path, *, nodes: int | None = None, overrides: list[str] | None = None,
-         round_timeout: float = 600.0, workdir: Path | None = None, timeout: float = 3600.0) -> dict:
-    """`fedlora flower-demo`: SuperLink + one SuperNode per partition, run, stop everything."""
+         round_timeout: float = 600.0, workdir: Path | None = None, timeout: float = 3600.0,
+         insecure: bool = False) -> dict:
+    """`fedlora flower-demo`: SuperLink + one SuperNode per partition (TLS and SuperNode
+    authentication unless `insecure`), run, stop everything."""
     from ..config import load_config
 
     cfg = load_config(config, overrides or [])
@@ -287,12 +329,14 @@ def demo(config: Path, out: Path, *, nodes: int | None = None, overrides: list[s
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: run folder exists; remove it or choose another -o")
-    flower = LocalFlower(workdir, nodes=n)
+    flower = LocalFlower(workdir, nodes=n, insecure=insecure)
     ok = False
     try:
         flower.start()
         print(f"superlink pid {flower.superlink.pid} (control 127.0.0.1:{flower.control_port}), "
-              f"supernodes pids {[p.pid for p in flower.supernodes.values()]}; logs {flower.logs}", flush=True)
+              f"supernodes pids {[p.pid for p in flower.supernodes.values()]}; logs {flower.logs}; "
+              + ("insecure (no TLS, any node admitted)" if insecure else
+                 f"TLS and SuperNode authentication, credentials {flower.credentials}"), flush=True)
         done = flower.run(config, out, overrides=overrides, round_timeout=round_timeout, timeout=timeout)
         if done.returncode != 0:
             tail = "\n".join(done.stdout.splitlines()[-5:])

@@ -1,11 +1,14 @@
 """FedLoraStrategy: a Flower Strategy that runs a fedlora Method on the simulated clock.
 
-Per round: `method.configure_round` samples clients independently with their q_i; each
-sampled client's node gets one message with its own start sub-adapter, scaling, rank
-indices, regularizer numbers (SOFT), the server's merged base delta (FLoRA) and round
-config (`configure_train`); the replies' payload tensors (shapes differ
-per client) go to `method.aggregate` (`aggregate_train`), and the round is closed exactly
-as in the in-process simulator (fedlora.simulate.close_round: clock, eval, stop rules).
+A thin adapter: `start` discovers the nodes and runs the same round loop as the in-process
+simulator (fedlora.simulate.run -> fedlora.loop) with a `FlowerExecutor`, which turns a
+round's client jobs into Messages (`configure_train`: each sampled client's node gets its
+start sub-adapter, scaling, rank indices, regularizer and upload rule, and the server's
+merged base delta, FLoRA) and the replies into the loop's ClientReplies (`aggregate_train`:
+checked against the job's upload rule; the bytes charged are the bytes received). The
+method, the clock, the evaluation and the stop rules are the loop's, line for line. Unlike
+Flower's own strategies the two hooks take the round's jobs as an argument: the method,
+not the strategy, decides who trains on what.
 
 A node that errors or does not reply within `round_timeout` is recorded in the row's
 "missing" list and counted as not sampled for that round (no update, no time on the
@@ -30,13 +33,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..config import InputError, RunConfig
-from ..methods import get_method
-from ..methods.base import Method, payload_values
-from ..rundir import write_atomic
-from ..simulate import RoundClock, Setup, close_round, commit_round, finish, prepare_out, start_run_folder
+from ..loop import ClientReplies, Executor
+from ..methods.base import ClientJob, payload_values
+from ..setup import Setup
 from ..system import ClientProfile
-from .common import (array_record, check_payload, config_key, indices_list, record_tensors, regularizer_config,
-                     state_to_tensors, tensors_to_state)
+from .common import (array_record, check_payload, config_key, indices_list, record_tensors, state_to_tensors,
+                     tensors_to_state, wire_config)
 
 log = logging.getLogger("fedlora.flower")
 
@@ -69,11 +71,8 @@ class FedLoraStrategy(Strategy):
         self.node_info: dict[int, dict] = {}  # client id -> its query answer
         self.missing_count: dict[int, int] = {}
         self.rejected_count: dict[int, int] = {}
-        self._round: dict = {}
         self._ignored: set[int] = set()  # nodes that answered the query with an error
-        self.setup: NodeSetup | None = None
-        self.method: Method | None = None
-        self.state = None
+        self.result: dict | None = None
 
     # --------------------------------------------------------------- discovery
     def _query(self, grid: Grid, node_ids: list[int]) -> None:
@@ -143,16 +142,14 @@ class FedLoraStrategy(Strategy):
         fields.update(cfg=self.cfg, profiles=profiles)
         return NodeSetup(**fields, reported_samples=np.array(samples))
 
-    # ------------------------------------------------------------ Strategy API
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        rc = self.method.configure_round(server_round, self.state)
-        jobs = {j.client_id: j for j in rc.jobs}
+    # ---------------------------------------------------------- the two hooks
+    def configure_train(self, server_round: int, jobs: dict[int, ClientJob], base_delta: dict,
+                        train_config: ConfigRecord) -> tuple[list[Message], dict[int, int], list[int]]:
+        """One train Message per job whose client has a node: (messages, node -> client, clients
+        without a node). The whole merged base delta (FLoRA) goes along, not this round's merge:
+        a node that missed rounds, restarted, or loads a fresh model gets the server's base."""
         msgs, sent, missing = [], {}, []
         key = config_key(self.cfg)
-        # The whole merged base delta (FLoRA), not this round's merge: a node that missed
-        # rounds, restarted, or loads a fresh model per message still gets the server's base.
-        base_delta = self.setup.engine.base_delta()
         for i, job in jobs.items():
             node = self.node_of.get(i)
             if node is None:
@@ -161,84 +158,76 @@ class FedLoraStrategy(Strategy):
             job_cfg = ConfigRecord({"round": server_round, "partition-id": i, "scaling": float(job.scaling),
                                     "compute-ratio": float(job.compute_ratio),
                                     "rank-indices": indices_list(job.rank_indices), "config-key": key,
-                                    **regularizer_config(job.regularizer), **{k: v for k, v in config.items()}})
+                                    **wire_config("reg", job.regularizer), **wire_config("upload", job.upload),
+                                    **dict(train_config.items())})
             content = RecordDict({"start": array_record(state_to_tensors(job.start)), "job": job_cfg})
             if base_delta:
                 content["base-delta"] = array_record(base_delta)
             msgs.append(Message(content, dst_node_id=node, message_type="train", group_id=str(server_round),
                                 ttl=max(self.round_timeout * 2, 60.0)))
             sent[node] = i
-        self._round = {"t": server_round, "rc": rc, "jobs": jobs, "sent": sent, "missing": missing,
-                       "cpu0": self._round.get("cpu0", time.perf_counter())}
-        return msgs
+        return msgs, sent, missing
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
-                                                                                      MetricRecord | None]:
-        r = self._round
-        rc, jobs, sent, missing = r["rc"], r["jobs"], r["sent"], list(r["missing"])
-        bpv = self.cfg.system.bytes_per_value
-        got: dict[int, tuple[dict | None, float | None, float, str | None]] = {}
+    def aggregate_train(self, server_round: int, jobs: dict[int, ClientJob], sent: dict[int, int],
+                        missing: list[int], replies: Iterable[Message]) -> ClientReplies:
+        """The replies as the loop's ClientReplies: each payload checked against its job's upload
+        rule (a bad one is rejected and logged), the bytes charged are the bytes received, a
+        client whose reply never came is missing (counted as not sampled)."""
+        got = {}
         for reply in replies:
-            node = reply.metadata.src_node_id
-            cid = sent.get(node)
-            if cid is None:
-                if reply.has_error():  # the SuperLink answers for a node it found gone (src node 1)
-                    _info("round %s: undeliverable message (node gone?): %s", server_round, reply.error.reason)
-                else:
-                    _info("round %s: reply from unexpected node %s ignored", server_round, node)
-                continue
-            if reply.has_error():
-                _info("round %s: client %s (node %s) failed: %s", server_round, cid, node, reply.error.reason)
-                continue  # counted as missing below
-            why, payload, values = None, None, 0
-            try:
-                payload = record_tensors(reply.content["payload"])
-                values = payload_values(payload)
-                m = reply.content["metrics"]
-                loss, finite = float(m["loss"]), int(m["finite"])
-                log.info("round %s client %s: handler %.2fs (setup %.2fs, train %.2fs)", server_round, cid,
-                         float(m.get("handler-s", -1)), float(m.get("setup-s", -1)), float(m.get("compute-s", -1)))
-                why = check_payload(payload, jobs[cid].start)
-                if why is None and not finite:
-                    why = "client reported a non-finite loss"
-            except (KeyError, TypeError, ValueError) as e:
-                why, loss = f"malformed reply ({e.__class__.__name__}: {e})", None
-            got[cid] = (payload, loss, values * bpv * 8, why)
-        for cid in sent.values():
-            if cid not in got:
-                missing.append(cid)
-        missing = sorted(missing)
+            cid = self._reply_client(server_round, reply, sent)
+            if cid is not None:
+                got[cid] = self._read_reply(server_round, cid, reply, jobs[cid])
+        missing = sorted(set(missing) | {cid for cid in sent.values() if cid not in got})
         for cid in missing:
             self.missing_count[cid] = self.missing_count.get(cid, 0) + 1
         if missing:
             _info("round %s: missing replies from clients %s (counted as not sampled)", server_round, missing)
-        part = {i: j for i, j in jobs.items() if i not in missing}  # replied (jobs order kept)
-        payloads, losses, rejected, upload_bits = {}, [], [], {}
-        own_payload = type(self.method).client_payload is not Method.client_payload
-        for i, job in part.items():
-            payload, loss, bits, why = got[i]
-            upload_bits[i] = bits
+        out = ClientReplies(payloads={}, losses=[], upload_bits={}, rejected=[], missing=missing)
+        bits_per_value = self.cfg.system.bytes_per_value * 8
+        for i in jobs:  # job order, as the in-process executor
+            if i in missing:
+                continue
+            payload, loss, why = got[i]
+            out.upload_bits[i] = payload_values(payload or {}) * bits_per_value
             if why is not None:
                 _info("round %s: rejected update of client %s: %s", server_round, i, why)
-                rejected.append(i)
+                out.rejected.append(i)
                 self.rejected_count[i] = self.rejected_count.get(i, 0) + 1
                 continue
-            if own_payload:  # the method's own upload rule, applied to the trained factors
-                trained = {n: (a + payload[f"{n}.A"], b + payload[f"{n}.B"]) for n, (a, b) in job.start.items()}
-                payload = self.method.client_payload(job, trained)
-                upload_bits[i] = payload_values(payload) * bpv * 8
-            payloads[i] = payload
-            losses.append(loss)
-        self.state, row = close_round(self.setup, self.method, self.clock, self.prog, server_round, self.state, rc,
-                                      part, payloads, losses, rejected, upload_bits, extra={"missing": missing})
-        self._row = row
-        metrics = {"sim_time_s": float(row["sim_time_s"]), "round_time_s": float(row["round_time_s"]),
-                   "participants": len(row["participants"]), "missing": len(missing), "rejected": len(rejected)}
-        if row["train_loss"] is not None:
-            metrics["train_loss"] = float(row["train_loss"])
-        if "eval_mean" in row:
-            metrics["eval_mean"] = float(row["eval_mean"])
-        return None, MetricRecord(metrics)
+            out.payloads[i] = payload
+            out.losses.append(loss)
+        return out
+
+    def _reply_client(self, server_round: int, reply: Message, sent: dict[int, int]) -> int | None:
+        """The client a reply answers for (None: an error reply or one from an unknown node)."""
+        node = reply.metadata.src_node_id
+        cid = sent.get(node)
+        if cid is None:
+            if reply.has_error():  # the SuperLink answers for a node it found gone (src node 1)
+                _info("round %s: undeliverable message (node gone?): %s", server_round, reply.error.reason)
+            else:
+                _info("round %s: reply from unexpected node %s ignored", server_round, node)
+            return None
+        if reply.has_error():
+            _info("round %s: client %s (node %s) failed: %s", server_round, cid, node, reply.error.reason)
+            return None  # counted as missing
+        return cid
+
+    def _read_reply(self, server_round: int, cid: int, reply: Message, job: ClientJob):
+        """(payload or None, loss, why it is unusable or None)."""
+        try:
+            payload = record_tensors(reply.content["payload"])
+            m = reply.content["metrics"]
+            loss, finite = float(m["loss"]), int(m["finite"])
+            log.info("round %s client %s: handler %.2fs (setup %.2fs, train %.2fs)", server_round, cid,
+                     float(m.get("handler-s", -1)), float(m.get("setup-s", -1)), float(m.get("compute-s", -1)))
+        except (KeyError, TypeError, ValueError) as e:
+            return None, None, f"malformed reply ({e.__class__.__name__}: {e})"
+        why = check_payload(payload, job)
+        if why is None and not finite:
+            why = "client reported a non-finite loss"
+        return payload, loss, why
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # evaluation is centralized (the server's fixed eval subset), as in the simulator
@@ -254,62 +243,57 @@ class FedLoraStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float | None = None, train_config: ConfigRecord | None = None,
               evaluate_config=None, evaluate_fn=None) -> Result:
-        cfg = self.cfg
+        """Discover the nodes, then the simulator's run (fedlora.simulate.run) with a FlowerExecutor."""
+        from ..simulate import run
+
         if timeout is not None:
             self.round_timeout = float(timeout)
-        rounds = cfg.train.rounds if num_rounds is None else int(num_rounds)
-        if rounds != cfg.train.rounds:
+        if num_rounds is not None and int(num_rounds) != self.cfg.train.rounds:
             raise InputError("flower: num_rounds must equal train.rounds (the run folder records train.rounds)")
         self.summary()
         wall0 = time.perf_counter()
-        method_cls = get_method(cfg.method)
-        if method_cls.needs_constants:
-            from ..pilot import check_planner_inputs
-
-            check_planner_inputs(cfg)
         self.discover(grid)
-        self.setup = self.build_setup()
+        setup = self.build_setup()
         _info("discovery and setup took %.1fs", time.perf_counter() - wall0)
-        prepare_out(self.out, resume=False, overwrite=self.overwrite)
-        ctx = self.setup.method_context()
-        pre_run_s = 0.0
-        if method_cls.needs_constants:
-            from ..pilot import resolve_constants
-
-            ctx.constants, pre_run_s = resolve_constants(cfg, self.out, setup=self.setup, progress=False)
-        self.method = method_cls(ctx)
-        self.state, self.prog = start_run_folder(self.setup, self.method, self.out, pre_run_s)
-        self.clock = RoundClock(self.setup)
+        executor = FlowerExecutor(self, grid, setup, train_config or ConfigRecord())
+        self.result = run(self.cfg, self.out, overwrite=self.overwrite, progress=False, setup=setup,
+                          executor=executor)
         result = Result()
-        train_config = train_config or ConfigRecord()
-        with open(self.out / "metrics.jsonl", "a") as metrics:
-            t = 1
-            while self.prog["stop_reason"] is None and t <= rounds:
-                cpu0 = time.perf_counter()
-                self._round = {"cpu0": cpu0}
-                self.refresh_nodes(grid)
-                msgs = list(self.configure_train(t, ArrayRecord(), train_config, grid))
-                replies = grid.send_and_receive(msgs, timeout=self.round_timeout) if msgs else []
-                _, agg = self.aggregate_train(t, replies)
-                row = self._row
-                row["cpu_time_s"] = time.perf_counter() - cpu0
-                self.prog["cpu_time_s"] += row["cpu_time_s"]
-                commit_round(self.out, metrics, row, self.state, self.method, self.setup.engine, self.prog)
-                result.train_metrics_clientapp[t] = agg
-                _info("round %s: participants %s missing %s rejected %s loss %s eval %s sim %.1fs wall %.1fs", t,
-                      row["participants"], row["missing"], row["rejected"], row["train_loss"],
-                      row.get("eval_mean"), row["sim_time_s"], row["cpu_time_s"])
-                t += 1
-        if self.prog["stop_reason"] is None:
-            self.prog["stop_reason"] = "max_rounds"
-        res = finish(self.setup, self.method, self.out, self.state, self.prog)
-        res.update(engine="flower",
-                   missing_replies={str(i): self.missing_count.get(i, 0) for i in range(cfg.data.num_clients)},
-                   rejected_replies={str(i): self.rejected_count.get(i, 0) for i in range(cfg.data.num_clients)})
-        write_atomic(self.out / "result.json", json.dumps(res, indent=1))
-        result.arrays = array_record(state_to_tensors(self.state))
-        self.result = res
+        result.train_metrics_clientapp.update(executor.metrics)
         return result
 
 
-__all__ = ["FedLoraStrategy", "NodeSetup", "tensors_to_state"]
+class FlowerExecutor(Executor):
+    """The loop's executor on a Flower grid: a round's jobs go out as Messages, replies come back."""
+
+    def __init__(self, strategy: FedLoraStrategy, grid: Grid, setup: Setup, train_config: ConfigRecord):
+        self.strategy, self.grid, self.setup, self.train_config = strategy, grid, setup, train_config
+        self.metrics: dict[int, MetricRecord] = {}
+
+    def train(self, round_idx: int, jobs: dict[int, ClientJob]) -> ClientReplies:
+        s = self.strategy
+        s.refresh_nodes(self.grid)
+        msgs, sent, missing = s.configure_train(round_idx, jobs, self.setup.engine.base_delta(), self.train_config)
+        replies = self.grid.send_and_receive(msgs, timeout=s.round_timeout) if msgs else []
+        return s.aggregate_train(round_idx, jobs, sent, missing, replies)
+
+    def round_done(self, row: dict) -> None:
+        metrics = {"sim_time_s": float(row["sim_time_s"]), "round_time_s": float(row["round_time_s"]),
+                   "participants": len(row["participants"]), "missing": len(row["missing"]),
+                   "rejected": len(row["rejected"])}
+        for key in ("train_loss", "eval_mean"):
+            if row.get(key) is not None:
+                metrics[key] = float(row[key])
+        self.metrics[row["round"]] = MetricRecord(metrics)
+        _info("round %s: participants %s missing %s rejected %s loss %s eval %s sim %.1fs wall %.1fs", row["round"],
+              row["participants"], row["missing"], row["rejected"], row["train_loss"], row.get("eval_mean"),
+              row["sim_time_s"], row["cpu_time_s"])
+
+    def result_extra(self) -> dict:
+        n = self.setup.cfg.data.num_clients
+        s = self.strategy
+        return {"engine": "flower", "missing_replies": {str(i): s.missing_count.get(i, 0) for i in range(n)},
+                "rejected_replies": {str(i): s.rejected_count.get(i, 0) for i in range(n)}}
+
+
+__all__ = ["FedLoraStrategy", "FlowerExecutor", "NodeSetup", "tensors_to_state"]

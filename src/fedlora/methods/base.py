@@ -1,9 +1,14 @@
 """What every federated LoRA method provides to the round loop.
 
 A method is the server's side of one algorithm: who trains this round and from what
-(`configure_round`), what a client sends back (`client_payload`, run "on the client"), and
-how the server folds the payloads into the global adapter (`aggregate`). The loop owns
-data, model, clock and files, so a method is one small class that reads like its paper.
+(`configure_round`, which returns the round's client jobs), and how the server folds the
+clients' payloads into the global adapter (`aggregate`, which returns an `Aggregated`
+value). What a client sends back is stated in its job as data (`ClientJob.upload`, an
+upload rule of plain numbers), so the node that trains applies it, in process or on a
+Flower node alike, and the bytes on the clock are the bytes that crossed. A method changes
+nothing outside itself: the loop (fedlora.loop) owns data, model, clock and files and
+applies what `aggregate` returns (the new state, a merge into the base weights, server
+time). So a method is one small class that reads like its paper.
 """
 
 from __future__ import annotations
@@ -56,6 +61,53 @@ class MethodContext:
         return np.random.default_rng([self.cfg.seed, *purpose])
 
 
+# ------------------------------------------------------------------ upload rules
+# A client's upload rule is a frozen dataclass of plain numbers with a `kind`: it travels to
+# a Flower node as its kind and fields (fedlora.flower.common) and the node applies the same
+# rule. `shapes(start)` lists the payloads a rule can produce (a reply matching none is
+# rejected by the server).
+
+
+@dataclass(frozen=True)
+class DeltaUpload:
+    """The change of every factor the client trained (the default)."""
+
+    kind: ClassVar[str] = "delta"
+
+    def payload(self, start: AdapterState, trained: AdapterState) -> Payload:
+        out: Payload = {}
+        for name, (a, b) in trained.items():
+            a0, b0 = start[name]
+            out[f"{name}.A"] = a - a0
+            out[f"{name}.B"] = b - b0
+        return out
+
+    def shapes(self, start: AdapterState) -> list[dict[str, tuple[int, ...]]]:
+        return [factor_shapes(start)]
+
+
+@dataclass(frozen=True)
+class FactorsUpload:
+    """The trained factors themselves (FLoRA's stacking and FlexLoRA's products need them)."""
+
+    kind: ClassVar[str] = "factors"
+
+    def payload(self, start: AdapterState, trained: AdapterState) -> Payload:
+        return factors_payload(trained)
+
+    def shapes(self, start: AdapterState) -> list[dict[str, tuple[int, ...]]]:
+        return [factor_shapes(start)]
+
+
+def factor_shapes(state: AdapterState, keep: int | None = None) -> dict[str, tuple[int, ...]]:
+    """{"module.A": (k, in), "module.B": (out, k)} of a state, its first `keep` ranks if given."""
+    out = {}
+    for name, (a, b) in state.items():
+        k = a.shape[0] if keep is None else keep
+        out[f"{name}.A"], out[f"{name}.B"] = (k, a.shape[1]), (b.shape[0], k)
+    return out
+
+
 @dataclass
 class ClientJob:
     client_id: int
@@ -65,6 +117,12 @@ class ClientJob:
     rank_indices: np.ndarray | None = None  # global ranks the sub-adapter holds
     unicast_values: int = 0  # values sent to this client alone (beyond the broadcast)
     regularizer: Callable[[AdapterState], Tensor] | None = None
+    upload: object = DeltaUpload()  # the client's upload rule (DeltaUpload, FactorsUpload, ...)
+
+
+def client_payload(job: ClientJob, trained: AdapterState) -> Payload:
+    """What the client uploads after training `job` (run on the client: in process or on a node)."""
+    return job.upload.payload(job.start, trained)
 
 
 @dataclass
@@ -72,6 +130,16 @@ class RoundConfig:
     jobs: list[ClientJob]
     broadcast_values: int  # values broadcast to all clients at the start of the round
     info: dict = field(default_factory=dict)  # extra metrics of the method for this round
+    server_s: float = 0.0  # server work before the round, on the clock (the planner's time)
+
+
+@dataclass
+class Aggregated:
+    """What a round's aggregation returns; the loop applies it."""
+
+    state: AdapterState  # the new global adapter
+    base_merge: dict[str, Tensor] | None = None  # delta the loop adds to the base weights (FLoRA's merge)
+    server_s: float = 0.0  # server compute on the clock (FlexLoRA's products and SVDs)
 
 
 class Method(ABC):
@@ -90,26 +158,13 @@ class Method(ABC):
     @abstractmethod
     def configure_round(self, round_idx: int, state: AdapterState) -> RoundConfig: ...
 
-    def client_payload(self, job: ClientJob, trained: AdapterState) -> Payload:
-        """What the client uploads: by default the change of every factor it trained."""
-        out: Payload = {}
-        for name, (a, b) in trained.items():
-            a0, b0 = job.start[name]
-            out[f"{name}.A"] = a - a0
-            out[f"{name}.B"] = b - b0
-        return out
-
     @abstractmethod
     def aggregate(self, round_idx: int, state: AdapterState, jobs: dict[int, ClientJob],
-                  payloads: dict[int, Payload]) -> AdapterState: ...
+                  payloads: dict[int, Payload]) -> Aggregated: ...
 
     def export_state(self, state: AdapterState) -> AdapterState:
         """The adapter written to adapter/ (merged base deltas are folded in by the engine)."""
         return state
-
-    def server_time_s(self) -> float:
-        """Server compute charged on the clock this round (e.g. FlexLoRA's SVDs)."""
-        return 0.0
 
     def state_dict(self) -> dict:
         return {"server_opt": self.server_opt.state_dict()}
@@ -221,10 +276,25 @@ def weighted_probabilities(data_share: np.ndarray, expected_participants: float)
     return np.clip(q, 1e-6, 1.0)
 
 
-def compute_model_json(cfg: RunConfig) -> dict:
-    """plan.json's compute_model: {"kind": "linear"} or {"kind": "affine", "fixed_fraction": f}."""
-    cm = cfg.system.compute_model
-    return {"kind": "linear"} if cm.kind == "linear" else {"kind": "affine", "fixed_fraction": cm.fixed_fraction}
+def compute_model(cfg: RunConfig):
+    """The clients' compute time vs sketch ratio (system.ComputeModel) of a config."""
+    from ..system import ComputeModel
+
+    return ComputeModel(cfg.system.compute_model.kind, cfg.system.compute_model.fixed_fraction)
+
+
+def plan_json(ctx: MethodContext, *, participation_prob, sketch_ratio, ranks, expected_round_time_s: float,
+              expected_participants: float | None = None, **extra) -> dict:
+    """plan.json: the fields of every method that sets q and s, then the method's own (`extra`)."""
+    cm = ctx.cfg.system.compute_model
+    q = [float(x) for x in participation_prob]
+    return {"participation_prob": q, "sketch_ratio": [float(x) for x in sketch_ratio],
+            "ranks": [int(k) for k in ranks], "bandwidth_hz": ctx.cfg.system.bandwidth_hz,
+            "compute_model": {"kind": "linear"} if cm.kind == "linear" else {"kind": "affine",
+                                                                             "fixed_fraction": cm.fixed_fraction},
+            "expected_round_time_s": float(expected_round_time_s),
+            "expected_participants": float(sum(q) if expected_participants is None else expected_participants),
+            **extra}
 
 
 def ranks_from_ratios(ratios: np.ndarray, rank: int) -> np.ndarray:

@@ -12,7 +12,7 @@ the full-size (out x in) aggregate of the clients' local products
 takes its SVD W = U diag(S) V^T and hands client i the best rank-r_i approximation
 (Eckart-Young) B_i = U[:, :r_i] diag(S[:r_i]), A_i = V[:, :r_i]^T by unicast
 (r_i (in + out) values per module). The products and SVDs are real server work, charged
-on the clock through `server_time_s()` in the round that aggregates as a FLOP count over
+on the clock (`Aggregated.server_s`) in the round that aggregates as a FLOP count over
 `system.server_flops_hz` (`server_flops`: 2 out r_i in per product plus the thin SVD's
 4 m n^2 + 22 n^3, m >= n, Golub & Van Loan's R-SVD count), not as the wall time of the
 machine that runs the simulation, which would make the simulated clock depend on it.
@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ..sketch import payload_values
-from .base import factors_payload, AdapterState, ClientJob, Payload, RoundConfig, split_payload
+from .base import AdapterState, Aggregated, ClientJob, FactorsUpload, RoundConfig, split_payload
 from .fslora import FixedSizeSampling
 from .hetlora import truncate
 
@@ -96,10 +96,6 @@ class FlexLoRA(FixedSizeSampling):
     name = "flexlora"
     summary = "FlexLoRA (Bai et al. 2024): full-size average of client products, SVD truncation to each rank"
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self._server_s = 0.0
-
     def configure_round(self, round_idx: int, state: AdapterState) -> RoundConfig:
         r = self.ctx.rank
         jobs = []
@@ -107,29 +103,21 @@ class FlexLoRA(FixedSizeSampling):
             k = int(self.ranks[i])
             jobs.append(ClientJob(client_id=int(i), start=truncate(state, k), rank_indices=np.arange(k),
                                   scaling=self.ctx.base_scaling, compute_ratio=k / r,
-                                  unicast_values=payload_values(self.ctx.module_shapes, k)))
+                                  unicast_values=payload_values(self.ctx.module_shapes, k),
+                                  upload=FactorsUpload()))  # the factors B_i, A_i: the server needs B_i A_i
         return RoundConfig(jobs=jobs, broadcast_values=0)
 
-    def client_payload(self, job: ClientJob, trained: AdapterState) -> Payload:
-        """The trained factors B_i, A_i (the server needs the products B_i A_i)."""
-        return factors_payload(trained)
-
-    def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
-        self._server_s = 0.0
+    def aggregate(self, round_idx, state, jobs, payloads) -> Aggregated:
         if not payloads:
-            return state
+            return Aggregated(state)
         ids = sorted(payloads)
         weights = self.shares(ids)
         factors = {i: split_payload(payloads[i]) for i in ids}
         ranks = [int(self.ranks[i]) for i in ids]
         flops = sum(server_flops(self.ctx.module_shapes[name], ranks) for name in state)
-        self._server_s = flops / self.ctx.cfg.system.server_flops_hz
         new = {}
         for name in state:
             w = weighted_product({i: factors[i][name] for i in ids}, weights)
             a, b = svd_truncation(w, self.ctx.rank)
             new[name] = (a.to(state[name][0].dtype), b.to(state[name][1].dtype))
-        return new
-
-    def server_time_s(self) -> float:
-        return self._server_s
+        return Aggregated(new, server_s=flops / self.ctx.cfg.system.server_flops_hz)

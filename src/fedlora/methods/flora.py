@@ -10,7 +10,8 @@ A_i and B_i in full. The server stacks, per module,
     B = [B_1, ..., B_m]   (out x sum r_i),     A = [p_1 A_1; ...; p_m A_m]   (sum r_i x in),
 
 so that B A = sum_i p_i B_i A_i exactly (no cross terms, unlike averaging A and B
-separately), merges scaling * B A into the base weights and the global LoRA restarts
+separately), merges scaling * B A into the base weights (the loop applies the merge
+`aggregate` returns) and the global LoRA restarts
 (B = 0). Every client must apply the same merge to its copy of the base, so the stacked
 factors (sum_i r_i (in + out) values per module) are broadcast at the start of the next
 round: the download grows with sum r_i and is charged on the clock.
@@ -43,10 +44,10 @@ import math
 
 import torch
 
-from .base import factors_payload, AdapterState, ClientJob, Payload, RoundConfig, split_payload, state_values
+from ..streams import STREAM_FRESH_INIT
+from .base import AdapterState, Aggregated, ClientJob, FactorsUpload, RoundConfig, split_payload, state_values
 from .fslora import FixedSizeSampling
 
-STREAM_FRESH_INIT = 16  # (seed, round, client) -> the fresh A_i
 
 
 def fresh_adapter(module_shapes: dict[str, tuple[int, int]], k: int, seed: int) -> AdapterState:
@@ -84,26 +85,24 @@ class FLoRA(FixedSizeSampling):
         for i in self.sample(round_idx):
             k = int(self.ranks[i])
             seed = int(self.ctx.rng(STREAM_FRESH_INIT, round_idx, int(i)).integers(2**63))
+            # the trained fresh adapter itself, A_i and B_i in full (the server stacks the factors)
             jobs.append(ClientJob(client_id=int(i), start=fresh_adapter(self.ctx.module_shapes, k, seed),
-                                  scaling=self.ctx.base_scaling, compute_ratio=k / r))
+                                  scaling=self.ctx.base_scaling, compute_ratio=k / r, upload=FactorsUpload()))
         return RoundConfig(jobs=jobs, broadcast_values=self.pending_broadcast,
                            info={"stacked_download_values": self.pending_broadcast})
 
-    def client_payload(self, job: ClientJob, trained: AdapterState) -> Payload:
-        """The trained fresh adapter itself, A_i and B_i in full (the server needs the factors)."""
-        return factors_payload(trained)
-
-    def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
+    def aggregate(self, round_idx, state, jobs, payloads) -> Aggregated:
         if not payloads:
             self.pending_broadcast = 0
-            return state
+            return Aggregated(state)
         ids = sorted(payloads)
         weights = self.shares(ids)
         stacked = stack_adapters({i: split_payload(payloads[i]) for i in ids}, weights)
         s = self.ctx.base_scaling
-        self.ctx.engine.merge_into_base({n: s * (b.double() @ a.double()).float() for n, (a, b) in stacked.items()})
         self.pending_broadcast = state_values(stacked)
-        return {n: (a.clone(), torch.zeros_like(b)) for n, (a, b) in state.items()}  # global LoRA restarts
+        restarted = {n: (a.clone(), torch.zeros_like(b)) for n, (a, b) in state.items()}  # global LoRA restarts
+        return Aggregated(restarted, base_merge={n: s * (b.double() @ a.double()).float()
+                                                 for n, (a, b) in stacked.items()})
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "pending_broadcast": int(self.pending_broadcast)}

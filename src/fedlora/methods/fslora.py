@@ -52,11 +52,11 @@ import numpy as np
 
 from ..aggregation import SketchedUpdate, scatter_sum
 from ..config import InputError
-from .base import (AdapterState, Method, MethodContext, RoundConfig, compute_model_json,
+from .base import (AdapterState, Aggregated, Method, MethodContext, RoundConfig, compute_model, plan_json,
                    per_client_values, ranks_from_ratios, split_payload, state_values)
-from .manual import STREAM_S, sketch_job
+from ..streams import STREAM_FIXED_SAMPLE, STREAM_S
+from .manual import sketch_job
 
-STREAM_FIXED_SAMPLE = 15  # fixed-size sampled set, shared by fslora / hetlora / flora / flexlora
 
 
 def default_clients_per_round(num_clients: int) -> int:
@@ -107,26 +107,17 @@ class FixedSizeSampling(Method):
         return {int(i): float(p[i]) / total for i in ids}
 
     def plan(self) -> dict:
-        from ..system import ComputeModel
-
         cfg, n, m = self.ctx.cfg, self.ctx.num_clients, self.clients_per_round
         s = self.ranks / self.ctx.rank
-        cm = ComputeModel(cfg.system.compute_model.kind, cfg.system.compute_model.fixed_fraction)
+        cm = compute_model(cfg)
         bound = (expected_max_fixed_size(cm.time_s(self.ctx.compute_time_s, s), m)
                  + m / n * float(np.sum(s * self.ctx.upload_s_hz)) / cfg.system.bandwidth_hz)
         if self.ctx.download_s is not None:  # the broadcast, at the weakest sampled client's rate
             bound += expected_max_fixed_size(self.ctx.download_s, m)
-        return {
-            "participation_prob": [m / n] * n,  # inclusion probability of a uniform m-subset
-            "sketch_ratio": s.tolist(),
-            "ranks": self.ranks.tolist(),
-            "bandwidth_hz": cfg.system.bandwidth_hz,
-            "compute_model": compute_model_json(cfg),
-            "expected_round_time_s": float(bound),
-            "expected_participants": float(m),
-            "sampling": "fixed_size",
-            "clients_per_round": m,
-        }
+        # participation_prob: the inclusion probability of a uniform m-subset
+        return plan_json(self.ctx, participation_prob=[m / n] * n, sketch_ratio=s, ranks=self.ranks,
+                         expected_round_time_s=bound, expected_participants=m, sampling="fixed_size",
+                         clients_per_round=m)
 
 
 class FSLoRA(FixedSizeSampling):
@@ -137,10 +128,10 @@ class FSLoRA(FixedSizeSampling):
         jobs = [sketch_job(self.ctx, state, round_idx, int(i), int(self.ranks[i])) for i in self.sample(round_idx)]
         return RoundConfig(jobs=jobs, broadcast_values=state_values(state))
 
-    def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
+    def aggregate(self, round_idx, state, jobs, payloads) -> Aggregated:
         if not payloads:
-            return state
+            return Aggregated(state)
         w = self.shares(sorted(payloads))
         updates = [SketchedUpdate(client_id=i, rank_indices=jobs[i].rank_indices,
                                   delta=split_payload(payloads[i]), weight=w[i]) for i in sorted(payloads)]
-        return self.server_opt.apply(state, scatter_sum(state, updates))
+        return Aggregated(self.server_opt.apply(state, scatter_sum(state, updates)))

@@ -45,7 +45,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .base import AdapterState, ClientJob, Payload, RoundConfig, split_payload, state_values
+from .base import (AdapterState, Aggregated, ClientJob, DeltaUpload, Payload, RoundConfig, factor_shapes,
+                   split_payload, state_values)
 from .fslora import FixedSizeSampling
 
 
@@ -83,6 +84,28 @@ class TailRegularizer:
 
 def pruned_rank(k: int, decay: float, min_rank: int) -> int:
     return max(min(min_rank, k), tail_start(k, decay))
+
+
+@dataclass(frozen=True)
+class PruningUpload:
+    """HetLoRA's self-pruning client: the change of its k ranks, or of the first
+    pruned_rank(k) only when training shrank the tail norm product (the client keeps that rank)."""
+
+    kind: ClassVar[str] = "hetlora-prune"
+    decay: float
+    min_rank: int
+
+    def payload(self, start: AdapterState, trained: AdapterState) -> Payload:
+        payload = DeltaUpload().payload(start, trained)
+        k = next(iter(start.values()))[0].shape[0]
+        keep = pruned_rank(k, self.decay, self.min_rank)
+        if keep == k or not bool(tail_norm_product(trained, self.decay) < tail_norm_product(start, self.decay)):
+            return payload
+        return {key: (v[:keep] if key.endswith(".A") else v[:, :keep]) for key, v in payload.items()}
+
+    def shapes(self, start: AdapterState) -> list[dict[str, tuple[int, ...]]]:
+        k = next(iter(start.values()))[0].shape[0]
+        return [factor_shapes(start), factor_shapes(start, pruned_rank(k, self.decay, self.min_rank))]
 
 
 def zero_padded_average(state: AdapterState, trained: dict[int, AdapterState],
@@ -131,29 +154,21 @@ class HetLoRA(FixedSizeSampling):
         return TailRegularizer(float(o.hetlora_prune_lambda), float(o.hetlora_decay)) \
             if self.pruning and o.hetlora_prune_lambda > 0 else None
 
+    def upload(self):
+        o = self.ctx.cfg.options
+        return PruningUpload(float(o.hetlora_decay), int(o.hetlora_min_rank)) if self.pruning else DeltaUpload()
+
     def configure_round(self, round_idx: int, state: AdapterState) -> RoundConfig:
-        r, reg = self.ctx.rank, self.regularizer()
+        r, reg, upload = self.ctx.rank, self.regularizer(), self.upload()
         jobs = [ClientJob(client_id=int(i), start=truncate(state, int(self.ranks[i])),
                           rank_indices=np.arange(int(self.ranks[i])), scaling=self.ctx.base_scaling,
-                          compute_ratio=int(self.ranks[i]) / r, regularizer=reg)
+                          compute_ratio=int(self.ranks[i]) / r, regularizer=reg, upload=upload)
                 for i in self.sample(round_idx)]
         return RoundConfig(jobs=jobs, broadcast_values=state_values(state))
 
-    def client_payload(self, job: ClientJob, trained: AdapterState) -> Payload:
-        """The change of the kept ranks: all r_i, or floor(gamma r_i) when the tail shrank (pruning)."""
-        payload = super().client_payload(job, trained)
-        if not self.pruning:
-            return payload
-        o = self.ctx.cfg.options
-        k = len(job.rank_indices)
-        keep = pruned_rank(k, o.hetlora_decay, o.hetlora_min_rank)
-        if keep == k or not bool(tail_norm_product(trained, o.hetlora_decay) < tail_norm_product(job.start, o.hetlora_decay)):
-            return payload
-        return {key: (v[:keep] if key.endswith(".A") else v[:, :keep]) for key, v in payload.items()}
-
-    def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
+    def aggregate(self, round_idx, state, jobs, payloads) -> Aggregated:
         if not payloads:
-            return state
+            return Aggregated(state)
         trained = {}
         for i in sorted(payloads):
             delta = split_payload(payloads[i])
@@ -164,7 +179,7 @@ class HetLoRA(FixedSizeSampling):
             weights = sparsity_weights(trained, self.ctx.data_share)
         else:
             weights = {i: {n: float(self.ctx.data_share[i]) for n in state} for i in trained}
-        return self.server_opt.apply(state, zero_padded_average(state, trained, weights))
+        return Aggregated(self.server_opt.apply(state, zero_padded_average(state, trained, weights)))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "ranks": [int(k) for k in self.ranks]}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AdapterState, split_payload
+from .base import AdapterState, Aggregated, split_payload
 from .hetlora import HetLoRA
 
 
@@ -52,9 +52,9 @@ class HetLoRARankAverage(HetLoRA):
     def pruning(self) -> bool:
         return False
 
-    def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
+    def aggregate(self, round_idx, state, jobs, payloads) -> Aggregated:
         if not payloads:
-            return state
+            return Aggregated(state)
         deltas = {i: split_payload(payloads[i]) for i in sorted(payloads)}
         weights = {i: float(self.ctx.data_share[i]) for i in deltas}
-        return self.server_opt.apply(state, padded_rank_average(state, deltas, weights))
+        return Aggregated(self.server_opt.apply(state, padded_rank_average(state, deltas, weights)))

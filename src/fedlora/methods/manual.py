@@ -12,11 +12,11 @@ import numpy as np
 
 from ..aggregation import SketchedUpdate, sample_participants, scatter_sum
 from ..sketch import sample_rank_indices, sketch_scale, slice_ranks
-from .base import (compute_model_json, AdapterState, ClientJob, Method, MethodContext, RoundConfig, per_client_values,
+from ..streams import STREAM_Q, STREAM_S, STREAM_SAMPLE, STREAM_SKETCH
+from .base import (compute_model, plan_json, Aggregated, AdapterState, ClientJob, Method, MethodContext, RoundConfig, per_client_values,
                    ranks_from_ratios, split_payload, state_values)
 
 # purposes for counter-based random streams (see MethodContext.rng)
-STREAM_Q, STREAM_S, STREAM_SAMPLE, STREAM_SKETCH = 11, 12, 13, 14
 
 
 def sketch_job(ctx: MethodContext, state: AdapterState, round_idx: int, client: int, k: int) -> ClientJob:
@@ -46,33 +46,25 @@ class IndependentSketch(Method):
         return q, s
 
     def plan(self) -> dict:
-        from ..system import ComputeModel, round_time_bound_s
+        from ..system import round_time_bound_s
 
-        cfg = self.ctx.cfg
-        cm = ComputeModel(cfg.system.compute_model.kind, cfg.system.compute_model.fixed_fraction)
         s = self.sketch_ratio
-        bound = round_time_bound_s(cm.time_s(self.ctx.compute_time_s, s), s * self.ctx.upload_s_hz,
-                                   self.participation_prob, cfg.system.bandwidth_hz, self.ctx.download_s)
-        return {
-            "participation_prob": self.participation_prob.tolist(),
-            "sketch_ratio": s.tolist(),
-            "ranks": self.ranks.tolist(),
-            "bandwidth_hz": cfg.system.bandwidth_hz,
-            "compute_model": compute_model_json(cfg),
-            "expected_round_time_s": float(bound),
-            "expected_participants": float(self.participation_prob.sum()),
-        }
+        bound = round_time_bound_s(compute_model(self.ctx.cfg).time_s(self.ctx.compute_time_s, s),
+                                   s * self.ctx.upload_s_hz, self.participation_prob, self.ctx.cfg.system.bandwidth_hz,
+                                   self.ctx.download_s)
+        return plan_json(self.ctx, participation_prob=self.participation_prob, sketch_ratio=s, ranks=self.ranks,
+                         expected_round_time_s=bound)
 
     def configure_round(self, round_idx: int, state: AdapterState) -> RoundConfig:
         sampled = sample_participants(self.ctx.rng(STREAM_SAMPLE, round_idx), self.participation_prob)
         jobs = [sketch_job(self.ctx, state, round_idx, int(i), int(self.ranks[i])) for i in sampled]
         return RoundConfig(jobs=jobs, broadcast_values=state_values(state))
 
-    def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
+    def aggregate(self, round_idx, state, jobs, payloads) -> Aggregated:
         if not payloads:  # empty round: x unchanged (and no server-optimizer step)
-            return state
+            return Aggregated(state)
         p, q = self.ctx.data_share, self.participation_prob
         updates = [SketchedUpdate(client_id=i, rank_indices=jobs[i].rank_indices,
                                   delta=split_payload(payloads[i]), weight=float(p[i] / q[i]))
                    for i in sorted(payloads)]
-        return self.server_opt.apply(state, scatter_sum(state, updates))
+        return Aggregated(self.server_opt.apply(state, scatter_sum(state, updates)))

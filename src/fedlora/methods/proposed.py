@@ -30,16 +30,15 @@ import torch
 
 from ..online import OnlineEstimator, RoundObservation, energy_exponent_for
 from ..planner import Plan, PlanProblem, plan
-from ..system import ComputeModel
+from .base import compute_model
 from .manual import IndependentSketch
 
 
 def plan_problem(ctx, constants, *, pin_large_clients: bool = False, min_participation: float = 1e-6) -> PlanProblem:
     cfg = ctx.cfg
-    cm = cfg.system.compute_model
     return PlanProblem(data_share=ctx.data_share, compute_time_s=ctx.compute_time_s, upload_s_hz=ctx.upload_s_hz,
                        bandwidth_hz=cfg.system.bandwidth_hz, rank=cfg.lora.rank,
-                       compute_model=ComputeModel(cm.kind, cm.fixed_fraction), constants=constants,
+                       compute_model=compute_model(cfg), constants=constants,
                        pin_large_clients=pin_large_clients, min_participation=min_participation,
                        download_s=ctx.download_s)
 
@@ -79,7 +78,6 @@ class Proposed(IndependentSketch):
                                              sketch_exponent=oc.sketch_exponent, smoothing=oc.smoothing)
         self.planned: Plan | None = None
         self._plan_entry: dict = {}
-        self._server_s = 0.0  # server seconds charged to the round being configured (planning)
         self.last_plan_round = 0
         self.history: list[dict] = []
         super().__init__(ctx)
@@ -156,11 +154,8 @@ class Proposed(IndependentSketch):
             info = {"plan": self._plan_entry, "planning_time_s": self.ctx.cfg.planner.plan_time_s}
         rc = super().configure_round(round_idx, state)
         rc.info.update(info)
-        self._server_s = info["planning_time_s"]
+        rc.server_s = info["planning_time_s"]  # the planner's time, on the clock
         return rc
-
-    def server_time_s(self) -> float:
-        return self._server_s
 
     def aggregate(self, round_idx, state, jobs, payloads):
         new = super().aggregate(round_idx, state, jobs, payloads)

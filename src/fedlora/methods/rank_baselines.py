@@ -21,7 +21,8 @@ import numpy as np
 
 from ..config import RandomRule
 from .base import per_client_values
-from .manual import STREAM_Q, STREAM_S, IndependentSketch
+from ..streams import STREAM_Q, STREAM_S
+from .manual import IndependentSketch
 
 
 class _FixedQ(IndependentSketch):

@@ -27,6 +27,11 @@ import numpy as np
 
 from .base import weighted_probabilities
 from .manual import IndependentSketch
+from .planned_ablations import ProposedQ
+from .proposed import Proposed
+from .relaxed import ProposedRelaxed
+
+MATCHABLE = {cls.name: cls for cls in (Proposed, ProposedQ, ProposedRelaxed)}  # config: sampling.match
 
 
 class SampleFull(IndependentSketch):
@@ -52,13 +57,12 @@ def matched_participants(ctx) -> float:
     from dataclasses import replace
 
     from ..config import ConstantsConfig
-    from . import get_method
 
     spec, constants = ctx.cfg.sampling, ctx.cfg.planner.constants
     if spec.expected_participants is not None:
         return min(float(spec.expected_participants), float(ctx.num_clients))
     given = constants.bound_constants() if isinstance(constants, ConstantsConfig) else None
-    return float(get_method(spec.match)(replace(ctx, constants=given)).participation_prob.sum())
+    return float(MATCHABLE[spec.match](replace(ctx, constants=given)).participation_prob.sum())
 
 
 class SampleUniform(IndependentSketch):

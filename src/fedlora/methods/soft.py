@@ -27,9 +27,9 @@ from ..sketch import payload_values as rank_payload_values
 from ..sketch import rank_count
 from ..soft import SparseComponents, aggregate_components, component_change_norms, energy_profile, state_penalty, \
     top_components
-from .base import AdapterState, ClientJob, Method, MethodContext, Payload, RoundConfig, compute_model_json, \
-    per_client_values, state_values
-from .manual import STREAM_Q, STREAM_SAMPLE
+from .base import AdapterState, Aggregated, ClientJob, Method, MethodContext, Payload, RoundConfig, \
+    compute_model, factor_shapes, per_client_values, plan_json, state_values
+from ..streams import STREAM_Q, STREAM_SAMPLE
 
 INDEX_BYTES = 4  # rank indices go on the wire as int32
 
@@ -55,9 +55,50 @@ def orthogonality_regularizer(lam: float, a_mode: str, b_mode: str) -> Orthogona
     return OrthogonalityRegularizer(float(lam), str(a_mode), str(b_mode))
 
 
-@dataclass
-class SoftJob(ClientJob):
-    keep: int = 0  # rank components uploaded per module (k); k = r sends everything, no indices
+@dataclass(frozen=True)
+class TopComponentsUpload:
+    """SOFT's client upload: per module the k rank components whose change of B A is largest
+    (rows of dA, columns of dB) and their indices (none when k = r); TSFA's clients add
+    their r-value energy profile."""
+
+    kind: ClassVar[str] = "top-components"
+    keep: int  # components uploaded per module (k)
+    bytes_per_value: int  # the wire size of a value: the indices are packed to match it
+    energy_profile: bool = False
+
+    def payload(self, start: AdapterState, trained: AdapterState) -> Payload:
+        r = next(iter(start.values()))[0].shape[0]
+        k = min(self.keep, r) or r
+        out: Payload = {}
+        profile = np.zeros(r)
+        for name, (a, b) in trained.items():
+            a0, b0 = start[name]
+            da, db = a - a0, b - b0
+            if k < r or self.energy_profile:
+                scores = component_change_norms(a0, b0, a, b)
+                profile += energy_profile(scores)
+            if k >= r:
+                out[f"{name}.A"], out[f"{name}.B"] = da, db
+                continue
+            idx = top_components(scores, k)
+            t = torch.as_tensor(idx, dtype=torch.long)
+            out[f"{name}.A"] = da.index_select(0, t).contiguous()
+            out[f"{name}.B"] = db.index_select(1, t).contiguous()
+            out[f"{name}.idx"] = encode_indices(idx, self.bytes_per_value)
+        if self.energy_profile:
+            out["tsfa.energy_profile"] = torch.as_tensor(profile, dtype=torch.float32)
+        return out
+
+    def shapes(self, start: AdapterState) -> list[dict[str, tuple[int, ...]]]:
+        r = next(iter(start.values()))[0].shape[0]
+        k = min(self.keep, r) or r
+        out = factor_shapes(start, k)
+        if k < r:
+            out.update({f"{name}.idx": (k * INDEX_BYTES // self.bytes_per_value,)
+                        for name in start})
+        if self.energy_profile:
+            out["tsfa.energy_profile"] = (r,)
+        return [out]
 
 
 def encode_indices(idx: np.ndarray, bytes_per_value: int) -> torch.Tensor:
@@ -112,29 +153,19 @@ class Soft(Method):
         return float(rank_payload_values(self.ctx.module_shapes, self.ctx.rank) * self.bytes_per_value * 8)
 
     def plan(self) -> dict:
-        from ..system import ComputeModel, round_time_bound_s
+        from ..system import round_time_bound_s
 
-        cfg, ctx = self.ctx.cfg, self.ctx
+        ctx = self.ctx
         n, r = ctx.num_clients, ctx.rank
         k = rank_count(self.rho, r)
-        cm = ComputeModel(cfg.system.compute_model.kind, cfg.system.compute_model.fixed_fraction)
         upload = ctx.upload_s_hz * self.upload_bits(k) / self.upload_bits_full()
-        bound = round_time_bound_s(cm.time_s(ctx.compute_time_s, np.ones(n)), upload, self.participation_prob,
-                                   cfg.system.bandwidth_hz)
-        return {
-            "reconstruction": "seed 002 SOFT/TSFA rebuilt from the abstract only; see docs/theory.md",
-            "participation_prob": self.participation_prob.tolist(),
-            "sketch_ratio": [1.0] * n,
-            "ranks": [r] * n,
-            "soft_lambda": self.lam,
-            "soft_rho": self.rho,
-            "keep_ranks": k,
-            "penalty_modes": {"A": self.a_mode, "B": self.b_mode},
-            "bandwidth_hz": cfg.system.bandwidth_hz,
-            "compute_model": compute_model_json(cfg),
-            "expected_round_time_s": float(bound),
-            "expected_participants": float(self.participation_prob.sum()),
-        }
+        bound = round_time_bound_s(compute_model(ctx.cfg).time_s(ctx.compute_time_s, np.ones(n)), upload,
+                                   self.participation_prob, ctx.cfg.system.bandwidth_hz, ctx.download_s)
+        return plan_json(ctx, participation_prob=self.participation_prob, sketch_ratio=[1.0] * n, ranks=[r] * n,
+                         expected_round_time_s=bound,
+                         reconstruction="seed 002 SOFT/TSFA rebuilt from the abstract only; see docs/theory.md",
+                         soft_lambda=self.lam, soft_rho=self.rho, keep_ranks=k,
+                         penalty_modes={"A": self.a_mode, "B": self.b_mode})
 
     # ------------------------------------------------------------ round
 
@@ -149,34 +180,11 @@ class Soft(Method):
         sampled = sample_participants(self.ctx.rng(STREAM_SAMPLE, round_idx), self.participation_prob)
         k, info = self.round_keep(round_idx, sampled)
         reg = self.regularizer()
-        jobs = [SoftJob(client_id=int(i), start={n: (a.clone(), b.clone()) for n, (a, b) in state.items()},
-                        scaling=self.ctx.base_scaling, compute_ratio=1.0, regularizer=reg, keep=int(k))
+        upload = TopComponentsUpload(int(k), self.bytes_per_value, self.uploads_energy_profile)
+        jobs = [ClientJob(client_id=int(i), start={n: (a.clone(), b.clone()) for n, (a, b) in state.items()},
+                          scaling=self.ctx.base_scaling, compute_ratio=1.0, regularizer=reg, upload=upload)
                 for i in sampled]
         return RoundConfig(jobs=jobs, broadcast_values=state_values(state), info=info)
-
-    def client_payload(self, job: ClientJob, trained: AdapterState) -> Payload:
-        r = self.ctx.rank
-        k = getattr(job, "keep", r) or r
-        need_scores = k < r or self.uploads_energy_profile
-        out: Payload = {}
-        profile = np.zeros(r)
-        for name, (a, b) in trained.items():
-            a0, b0 = job.start[name]
-            da, db = a - a0, b - b0
-            if need_scores:
-                scores = component_change_norms(a0, b0, a, b)
-                profile += energy_profile(scores)
-            if k >= r:
-                out[f"{name}.A"], out[f"{name}.B"] = da, db
-                continue
-            idx = top_components(scores, k)
-            t = torch.as_tensor(idx, dtype=torch.long)
-            out[f"{name}.A"] = da.index_select(0, t).contiguous()
-            out[f"{name}.B"] = db.index_select(1, t).contiguous()
-            out[f"{name}.idx"] = encode_indices(idx, self.bytes_per_value)
-        if self.uploads_energy_profile:
-            out["tsfa.energy_profile"] = torch.as_tensor(profile, dtype=torch.float32)
-        return out
 
     def decode(self, client_id: int, payload: Payload, state: AdapterState, weight: float) -> SparseComponents:
         r = self.ctx.rank
@@ -187,9 +195,9 @@ class Soft(Method):
             modules[name] = (idx, payload[f"{name}.A"], payload[f"{name}.B"])
         return SparseComponents(client_id=client_id, weight=weight, modules=modules)
 
-    def aggregate(self, round_idx, state, jobs, payloads) -> AdapterState:
+    def aggregate(self, round_idx, state, jobs, payloads) -> Aggregated:
         if not payloads:  # empty round: x unchanged (and no server-optimizer step)
-            return state
+            return Aggregated(state)
         p, q = self.ctx.data_share, self.participation_prob
         updates = [self.decode(i, payloads[i], state, float(p[i] / q[i])) for i in sorted(payloads)]
-        return self.server_opt.apply(state, aggregate_components(state, updates))
+        return Aggregated(self.server_opt.apply(state, aggregate_components(state, updates)))

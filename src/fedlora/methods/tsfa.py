@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from ..soft import LyapunovController, dropped_energy_fraction
-from ..system import ComputeModel, equal_finish_allocation, equal_split_allocation
-from .base import MethodContext
+from ..streams import STREAM_TSFA_BUDGET
+from ..system import equal_finish_allocation, equal_split_allocation
+from .base import MethodContext, compute_model
 from .soft import Soft
 
-STREAM_TSFA_BUDGET = 21
 BUDGET_DRAWS = 512
 DEFAULT_BUDGET_POSITION = 0.5  # default L_avg: this far from the rho = 1/r to the rho = 1 latency
 
@@ -51,7 +51,7 @@ class Tsfa(Soft):
         cfg = ctx.cfg
         r = ctx.rank
         self.grid = np.arange(1, r + 1)  # k; rho = k / r
-        cm = ComputeModel(cfg.system.compute_model.kind, cfg.system.compute_model.fixed_fraction)
+        cm = compute_model(cfg)
         self.compute_s = np.asarray(cm.time_s(ctx.compute_time_s, np.ones(ctx.num_clients)), dtype=float)
         self.eff = self.upload_bits_full() / np.asarray(ctx.upload_s_hz, dtype=float)  # bits/s/Hz per client
         self.allocate = equal_finish_allocation if cfg.system.allocation == "equal_finish" else equal_split_allocation
