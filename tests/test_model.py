@@ -228,7 +228,7 @@ def test_frozen_prefix_cache_matches_full_forward():
         return scores, res, merged
 
     cached = run()
-    assert len(eng._prefix_cache) == sum(len(q.options) for q in QS)
+    assert len(eng.scorer.prefix_cache) == sum(len(q.options) for q in QS)
     eng.frozen_prefix = 0  # the full forward pass through all six blocks
     full = run()
     fin = torch.isfinite(full[0])

@@ -13,7 +13,8 @@ most `max_cached_adapters`, least recently used evicted), copies the start tenso
 sets `scaling` explicitly (the caller decides: alpha/r for a full adapter,
 alpha/r * r/k for a sketch slice, rsLoRA, ...), trains, and copies the result out.
 
-Scorers (both: cross-entropy over the options, variable option counts masked with -inf):
+Scorers (both: cross-entropy over the options, variable option counts masked with -inf;
+the text-to-scores part is fedlora.scoring.OptionScorer):
   * encoder (default; the embedded all-MiniLM-L6-v2): a cross-encoder. Each
     "[CLS] question [SEP] option [SEP]" is encoded, mean-pooled, and scored by a linear
     head whose base weight is zero and frozen; the head learns through LoRA like every
@@ -21,10 +22,8 @@ Scorers (both: cross-entropy over the options, variable option counts masked wit
     (A bi-encoder, 20 * cos(question, option), starts at ~0.5 on ARC-Easy zero-shot but
     did not improve with LoRA training in our measurements; the cross-encoder rises
     from chance to ~0.45 within 50 steps.)
-  * causal LM: score of option j = mean log-likelihood of the continuation tokens.
-    score="option": prompt "Question: {text}\\nAnswer:" + continuation " {option}".
-    score="answer": the LLM-Adapters prompt listing all options + continuation
-    "the correct answer is answer{j+1}".
+  * causal LM: score of option j = mean log-likelihood of the continuation tokens
+    (prompt formats in fedlora.scoring).
 
 Everything is deterministic: the base model stays in eval mode (no dropout), LoRA
 dropout is off by default (when on, it draws from a generator seeded per call).
@@ -45,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .scoring import ModelError, OptionScorer
+
 AdapterState = dict[str, tuple[Tensor, Tensor]]
 _BLOCKS = r"(?:layer|layers|h|block|blocks)"  # how transformer stacks name their block list
 _BLOCK_INDEX = re.compile(rf"\.{_BLOCKS}\.(\d+)\.")
@@ -56,17 +57,6 @@ DEFAULT_TARGETS = {"encoder": ("query", "value"), "causal": ("q_proj", "v_proj")
 _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra",
                   "deberta", "deberta-v2", "albert", "camembert", "modernbert"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LLM_ADAPTERS_PROMPT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
-class ModelError(ValueError):
-    """A bad model path, spec or adapter state (one clear line)."""
-
-
 def resolve_model_path(name_or_path: str) -> Path:
     """Embedded alias -> the bundled all-MiniLM-L6-v2 folder; else an existing local folder.
 
@@ -240,7 +230,6 @@ class Engine:
             if self.tokenizer.pad_token_id is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.tokenizer.padding_side = "right"
-        self._pad_id = int(self.tokenizer.pad_token_id or 0)
 
         self._lora_config = lambda r, alpha=spec.lora_alpha: LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=spec.lora_dropout,
@@ -269,15 +258,21 @@ class Engine:
             found = {int(m.group(1)) for n in self.layers if (m := _BLOCK_INDEX.search(n))}
             if missing := sorted(set(spec.lora_layers) - found):
                 raise ModelError(f"lora.layers {missing} match no {list(self.targets)} module of {self.path}")
-        self.frozen_prefix = self._frozen_prefix_layers()
-        self._prefix_cache: dict[tuple[str, str], Tensor] = {}  # (question, option) -> hidden [len, H]
+        self.scorer = OptionScorer(self.net, self.tokenizer, kind=self.kind, max_length=spec.max_length,
+                                   score=spec.score, device=self.device, frozen_prefix=self._frozen_prefix_layers())
         self._w0: dict[str, Tensor] = {}  # originals of merged modules (CPU float32)
         self._base_delta: dict[str, Tensor] = {}
-        self._tok_cache: dict[tuple[str, bool], list[int]] = {}
-        self._seen_tokens = 0
-        self._seen_samples = 0
         # matmul parameters (embedding lookups cost no FLOPs): 2 FLOPs / param / token forward
         self._linear_params = sum(m.weight.numel() for m in self.net.modules() if isinstance(m, torch.nn.Linear))
+
+    @property
+    def frozen_prefix(self) -> int:
+        """Encoder blocks whose output is cached (0: none); set 0 to switch the cache off."""
+        return self.scorer.frozen_prefix
+
+    @frozen_prefix.setter
+    def frozen_prefix(self, blocks: int) -> None:
+        self.scorer.frozen_prefix = int(blocks)
 
     def _target_pattern(self) -> list[str] | str:
         """PEFT target_modules: the names, or with lora_layers a regex limited to those blocks
@@ -407,7 +402,7 @@ class Engine:
                 for batch in batches:
                     if len(batch) == 0:
                         continue
-                    scores, labels = self._scores(batch)
+                    scores, labels = self.scorer(batch)
                     loss = F.cross_entropy(scores, labels)
                     total = loss + regularizer(live) if regularizer is not None else loss
                     losses.append(float(loss.detach()))
@@ -473,153 +468,12 @@ class Engine:
             with self.peft.disable_adapter():
                 for i in range(0, len(questions), batch_size):
                     batch = questions[i:i + batch_size]
-                    yield self._scores(batch)[0].float().cpu(), batch
+                    yield self.scorer(batch)[0].float().cpu(), batch
             return
         self._load(state, scaling)
         for i in range(0, len(questions), batch_size):
             batch = questions[i:i + batch_size]
-            yield self._scores(batch)[0].float().cpu(), batch
-
-    # ------------------------------------------------------------------ scorers
-    def _ids(self, texts: Sequence[str], special: bool = True) -> list[list[int]]:
-        """Token ids per text, cached (truncated at max_length for the encoder)."""
-        todo = [t for t in dict.fromkeys(texts) if (t, special) not in self._tok_cache]
-        if todo:
-            kw = dict(truncation=True, max_length=self.spec.max_length) if self.kind == "encoder" else {}
-            ids = self.tokenizer(todo, add_special_tokens=special, **kw)["input_ids"]
-            self._tok_cache.update({(t, special): list(i) for t, i in zip(todo, ids)})
-        return [self._tok_cache[(t, special)] for t in texts]
-
-    def _pad(self, seqs: Sequence[Sequence[int]], pad_id: int | None = None) -> tuple[Tensor, Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self._pad_id if pad_id is None else pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, :len(s)] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    def _scores(self, batch: Sequence[Any]) -> tuple[Tensor, Tensor]:
-        """Scores [B, max options] (-inf padded) and labels [B] for a batch of questions."""
-        for q in batch:
-            if not 0 <= q.label < len(q.options):
-                raise ModelError(f"question label {q.label} out of range for {len(q.options)} options: {q.text[:60]!r}")
-        qi = torch.tensor([i for i, q in enumerate(batch) for _ in q.options], device=self.device)
-        oj = torch.tensor([j for q in batch for j in range(len(q.options))], device=self.device)
-        vals = self._encoder_option_scores(batch) if self.kind == "encoder" else self._causal_option_scores(batch)
-        width = max(len(q.options) for q in batch)
-        scores = torch.full((len(batch), width), -math.inf, device=self.device, dtype=vals.dtype)
-        scores = scores.index_put((qi, oj), vals)
-        labels = torch.tensor([q.label for q in batch], device=self.device)
-        return scores, labels
-
-    def _length_groups(self, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Split sequence indices into forward passes with little padding.
-
-        On CPU compute is proportional to padded tokens, so sequences are sorted by length
-        and cut wherever the length grows by more than 25% (groups of >= 8). On CUDA one
-        padded pass is faster (launch-bound), so there is one group.
-        """
-        if self.device.type == "cuda" or len(seqs) <= 8:
-            return [list(range(len(seqs)))]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        groups: list[list[int]] = [[]]
-        for i in order:
-            g = groups[-1]
-            if len(g) >= 8 and len(seqs[i]) > 1.25 * len(seqs[g[0]]):
-                groups.append([])
-            groups[-1].append(i)
-        return groups
-
-    def _pair_ids(self, batch: Sequence[Any]) -> tuple[list[list[int]], list[list[int]]]:
-        """Token ids and token-type ids of every (question, option) pair, cached."""
-        todo = [(q.text, o) for q in batch for o in q.options if (q.text, o) not in self._tok_cache]
-        if todo:
-            enc = self.tokenizer([a for a, _ in todo], [b for _, b in todo], truncation="longest_first",
-                                 max_length=self.spec.max_length)
-            types = enc.get("token_type_ids") or [[0] * len(x) for x in enc["input_ids"]]
-            self._tok_cache.update({k: (list(i), list(t)) for k, i, t in zip(todo, enc["input_ids"], types)})
-        pairs = [self._tok_cache[(q.text, o)] for q in batch for o in q.options]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-
-    def _encoder_option_scores(self, batch: Sequence[Any]) -> Tensor:
-        """Cross-encoder: head(mean-pooled encoder states of "[CLS] question [SEP] option [SEP]"),
-        flat over all (question, option) pairs."""
-        self._seen_samples += len(batch)
-        seqs, types = self._pair_ids(batch)
-        self._seen_tokens += sum(len(x) for x in seqs)
-        parts, index = [], []
-        keys = [(q.text, o) for q in batch for o in q.options]
-        if self.frozen_prefix:
-            self._fill_prefix_cache(keys, seqs, types)
-        for group in self._length_groups(seqs):
-            ids, mask = self._pad([seqs[i] for i in group])
-            if self.frozen_prefix:
-                hidden = torch.nn.utils.rnn.pad_sequence([self._prefix_cache[keys[i]] for i in group], batch_first=True)
-                parts.append(self.net.forward_from(self.frozen_prefix, hidden.to(self.device), mask).float())
-            else:
-                tt, _ = self._pad([types[i] for i in group], pad_id=0)
-                parts.append(self.net(input_ids=ids, attention_mask=mask, token_type_ids=tt).float())
-            index += group
-        vals = torch.cat(parts)
-        if index != sorted(index):
-            vals = vals[torch.argsort(torch.tensor(index, device=self.device))]
-        return vals
-
-    @torch.no_grad()
-    def _fill_prefix_cache(self, keys, seqs, types) -> None:
-        """Compute the frozen blocks' output once per (question, option) pair (kept on CPU)."""
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one row per distinct pair
-        todo = [first[k] for k in dict.fromkeys(keys) if k not in self._prefix_cache]
-        if not todo:
-            return
-        for group in self._length_groups([seqs[i] for i in todo]):
-            rows = [todo[g] for g in group]
-            ids, mask = self._pad([seqs[i] for i in rows])
-            tt, _ = self._pad([types[i] for i in rows], pad_id=0)
-            hidden = self.net.hidden_before(self.frozen_prefix, ids, mask, tt).cpu()
-            for j, i in enumerate(rows):
-                self._prefix_cache[keys[i]] = hidden[j, :len(seqs[i])].clone()
-
-    def _pairs(self, q) -> tuple[list[str], list[str]]:
-        """(prompt, continuation) texts of each option of a question, causal scorer."""
-        if self.spec.score == "option":
-            prompt = f"Question: {q.text}\nAnswer:"
-            return [prompt] * len(q.options), [f" {o}" for o in q.options]
-        listing = " ".join(f"Answer{j + 1}: {o}" for j, o in enumerate(q.options))
-        fmt = "/".join(f"answer{j + 1}" for j in range(len(q.options)))
-        instruction = f"Please choose the correct answer to the question: {q.text}\n\n{listing}\n\nAnswer format: {fmt}"
-        prompt = _LLM_ADAPTERS_PROMPT.format(instruction=instruction)
-        return [prompt] * len(q.options), [f"the correct answer is answer{j + 1}" for j in range(len(q.options))]
-
-    def _causal_option_scores(self, batch: Sequence[Any]) -> Tensor:
-        """Mean log-likelihood of each continuation given its prompt (all pairs in one batch)."""
-        self._seen_samples += len(batch)
-        prompts, conts = [], []
-        for q in batch:
-            p, c = self._pairs(q)
-            prompts += p
-            conts += c
-        p_ids, c_ids = self._ids(prompts, special=True), self._ids(conts, special=False)
-        L = self.spec.max_length
-        seqs, starts = [], []
-        for p, c in zip(p_ids, c_ids):
-            c = c[:L - 1] if c else [self._pad_id]
-            p = p[-(L - len(c)):]  # truncate the prompt from the left
-            seqs.append(p + c)
-            starts.append(len(p))
-        self._seen_tokens += sum(len(s) for s in seqs)
-        ids, mask = self._pad(seqs)
-        # positions t predicting token t+1, for the continuation tokens only (no [N, L, V] logits)
-        rows = torch.tensor([i for i, s in enumerate(seqs) for _ in range(starts[i], len(s))], device=self.device)
-        pos = torch.tensor([t for i, s in enumerate(seqs) for t in range(starts[i], len(s))], device=self.device)
-        hidden = self.net.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        logits = self.net.get_output_embeddings()(hidden[rows, pos - 1]).float()
-        tok_lp = logits.log_softmax(dim=-1).gather(1, ids[rows, pos].unsqueeze(1)).squeeze(1)
-        n = len(seqs)
-        total = torch.zeros(n, device=self.device).index_add(0, rows, tok_lp)
-        count = torch.zeros(n, device=self.device).index_add(0, rows, torch.ones_like(tok_lp))
-        return total / count
+            yield self.scorer(batch)[0].float().cpu(), batch
 
     # ------------------------------------------------------------------ base merges
     def merge_into_base(self, delta_weight: dict[str, Tensor]) -> None:
@@ -695,22 +549,6 @@ class Engine:
         save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     # ------------------------------------------------------------------ cost model
-    def tokens_per_sample(self, questions: Sequence[Any] | None = None) -> float:
-        """Average tokens processed per question (all its sequences), from a sample or history."""
-        if questions:
-            if self.kind == "encoder":
-                seqs, _ = self._pair_ids(questions)
-                return sum(len(s) for s in seqs) / len(questions)
-            pairs = [self._pairs(q) for q in questions]
-            prompts = [p for ps, _ in pairs for p in ps]
-            conts = [c for _, cs in pairs for c in cs]
-            n = sum(min(len(p) + len(c), self.spec.max_length)
-                    for p, c in zip(self._ids(prompts), self._ids(conts, special=False)))
-            return n / len(questions)
-        if self._seen_samples:
-            return self._seen_tokens / self._seen_samples
-        return float(self.spec.max_length) * (5 if self.kind == "encoder" else 4)  # crude: 4 options
-
     def flops_per_step(self, batch_size: int, questions: Sequence[Any] | None = None) -> float:
         """Rough training FLOPs per local step: 6 * (matmul params of the base) * tokens."""
-        return 6.0 * self._linear_params * self.tokens_per_sample(questions) * batch_size
+        return 6.0 * self._linear_params * self.scorer.tokens_per_sample(questions) * batch_size

@@ -1,0 +1,201 @@
+"""Multiple-choice questions to option scores on a model (the Engine's scorer).
+
+`OptionScorer(batch)` returns scores [B, max options] (-inf where a question has fewer) and
+labels [B]. Tokenization is cached per text; sequences are grouped by length (CPU compute
+is proportional to padded tokens); with an encoder whose bottom blocks hold no LoRA module
+their output is computed once per (question, option) and cached (`frozen_prefix` blocks).
+
+  * encoder: a cross-encoder. "[CLS] question [SEP] option [SEP]" is encoded, mean-pooled
+    and scored by the model's head (model.CrossEncoderScorer).
+  * causal LM: score of option j = mean log-likelihood of the continuation tokens.
+    score="option": prompt "Question: {text}\\nAnswer:" + continuation " {option}".
+    score="answer": the LLM-Adapters prompt listing all options + continuation
+    "the correct answer is answer{j+1}".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+_LLM_ADAPTERS_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class ModelError(ValueError):
+    """A model, adapter or question the engine cannot use (fedlora.model raises it too)."""
+
+
+class OptionScorer:
+    def __init__(self, net: torch.nn.Module, tokenizer, *, kind: str, max_length: int, score: str,
+                 device: torch.device, frozen_prefix: int = 0):
+        self.net, self.tokenizer, self.kind = net, tokenizer, kind
+        self.max_length, self.score, self.device = int(max_length), score, device
+        self.frozen_prefix = int(frozen_prefix)  # encoder blocks below every LoRA module (0: no cache)
+        self._pad_id = int(tokenizer.pad_token_id or 0)
+        self.prefix_cache: dict[tuple[str, str], Tensor] = {}  # (question, option) -> hidden [len, H]
+        self._tok_cache: dict = {}
+        self.seen_tokens = 0
+        self.seen_samples = 0
+
+    def _ids(self, texts: Sequence[str], special: bool = True) -> list[list[int]]:
+        """Token ids per text, cached (truncated at max_length for the encoder)."""
+        todo = [t for t in dict.fromkeys(texts) if (t, special) not in self._tok_cache]
+        if todo:
+            kw = dict(truncation=True, max_length=self.max_length) if self.kind == "encoder" else {}
+            ids = self.tokenizer(todo, add_special_tokens=special, **kw)["input_ids"]
+            self._tok_cache.update({(t, special): list(i) for t, i in zip(todo, ids)})
+        return [self._tok_cache[(t, special)] for t in texts]
+
+    def _pad(self, seqs: Sequence[Sequence[int]], pad_id: int | None = None) -> tuple[Tensor, Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self._pad_id if pad_id is None else pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, :len(s)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def __call__(self, batch: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        """Scores [B, max options] (-inf padded) and labels [B] for a batch of questions."""
+        for q in batch:
+            if not 0 <= q.label < len(q.options):
+                raise ModelError(f"question label {q.label} out of range for {len(q.options)} options: {q.text[:60]!r}")
+        qi = torch.tensor([i for i, q in enumerate(batch) for _ in q.options], device=self.device)
+        oj = torch.tensor([j for q in batch for j in range(len(q.options))], device=self.device)
+        vals = self._encoder_option_scores(batch) if self.kind == "encoder" else self._causal_option_scores(batch)
+        width = max(len(q.options) for q in batch)
+        scores = torch.full((len(batch), width), -math.inf, device=self.device, dtype=vals.dtype)
+        scores = scores.index_put((qi, oj), vals)
+        labels = torch.tensor([q.label for q in batch], device=self.device)
+        return scores, labels
+
+    def _length_groups(self, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Split sequence indices into forward passes with little padding.
+
+        On CPU compute is proportional to padded tokens, so sequences are sorted by length
+        and cut wherever the length grows by more than 25% (groups of >= 8). On CUDA one
+        padded pass is faster (launch-bound), so there is one group.
+        """
+        if self.device.type == "cuda" or len(seqs) <= 8:
+            return [list(range(len(seqs)))]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        groups: list[list[int]] = [[]]
+        for i in order:
+            g = groups[-1]
+            if len(g) >= 8 and len(seqs[i]) > 1.25 * len(seqs[g[0]]):
+                groups.append([])
+            groups[-1].append(i)
+        return groups
+
+    def _pair_ids(self, batch: Sequence[Any]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and token-type ids of every (question, option) pair, cached."""
+        todo = [(q.text, o) for q in batch for o in q.options if (q.text, o) not in self._tok_cache]
+        if todo:
+            enc = self.tokenizer([a for a, _ in todo], [b for _, b in todo], truncation="longest_first",
+                                 max_length=self.max_length)
+            types = enc.get("token_type_ids") or [[0] * len(x) for x in enc["input_ids"]]
+            self._tok_cache.update({k: (list(i), list(t)) for k, i, t in zip(todo, enc["input_ids"], types)})
+        pairs = [self._tok_cache[(q.text, o)] for q in batch for o in q.options]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def _encoder_option_scores(self, batch: Sequence[Any]) -> Tensor:
+        """Cross-encoder: head(mean-pooled encoder states of "[CLS] question [SEP] option [SEP]"),
+        flat over all (question, option) pairs."""
+        self.seen_samples += len(batch)
+        seqs, types = self._pair_ids(batch)
+        self.seen_tokens += sum(len(x) for x in seqs)
+        parts, index = [], []
+        keys = [(q.text, o) for q in batch for o in q.options]
+        if self.frozen_prefix:
+            self._fill_prefix_cache(keys, seqs, types)
+        for group in self._length_groups(seqs):
+            ids, mask = self._pad([seqs[i] for i in group])
+            if self.frozen_prefix:
+                hidden = torch.nn.utils.rnn.pad_sequence([self.prefix_cache[keys[i]] for i in group], batch_first=True)
+                parts.append(self.net.forward_from(self.frozen_prefix, hidden.to(self.device), mask).float())
+            else:
+                tt, _ = self._pad([types[i] for i in group], pad_id=0)
+                parts.append(self.net(input_ids=ids, attention_mask=mask, token_type_ids=tt).float())
+            index += group
+        vals = torch.cat(parts)
+        if index != sorted(index):
+            vals = vals[torch.argsort(torch.tensor(index, device=self.device))]
+        return vals
+
+    @torch.no_grad()
+    def _fill_prefix_cache(self, keys, seqs, types) -> None:
+        """Compute the frozen blocks' output once per (question, option) pair (kept on CPU)."""
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one row per distinct pair
+        todo = [first[k] for k in dict.fromkeys(keys) if k not in self.prefix_cache]
+        if not todo:
+            return
+        for group in self._length_groups([seqs[i] for i in todo]):
+            rows = [todo[g] for g in group]
+            ids, mask = self._pad([seqs[i] for i in rows])
+            tt, _ = self._pad([types[i] for i in rows], pad_id=0)
+            hidden = self.net.hidden_before(self.frozen_prefix, ids, mask, tt).cpu()
+            for j, i in enumerate(rows):
+                self.prefix_cache[keys[i]] = hidden[j, :len(seqs[i])].clone()
+
+    def _pairs(self, q) -> tuple[list[str], list[str]]:
+        """(prompt, continuation) texts of each option of a question, causal scorer."""
+        if self.score == "option":
+            prompt = f"Question: {q.text}\nAnswer:"
+            return [prompt] * len(q.options), [f" {o}" for o in q.options]
+        listing = " ".join(f"Answer{j + 1}: {o}" for j, o in enumerate(q.options))
+        fmt = "/".join(f"answer{j + 1}" for j in range(len(q.options)))
+        instruction = f"Please choose the correct answer to the question: {q.text}\n\n{listing}\n\nAnswer format: {fmt}"
+        prompt = _LLM_ADAPTERS_PROMPT.format(instruction=instruction)
+        return [prompt] * len(q.options), [f"the correct answer is answer{j + 1}" for j in range(len(q.options))]
+
+    def _causal_option_scores(self, batch: Sequence[Any]) -> Tensor:
+        """Mean log-likelihood of each continuation given its prompt (all pairs in one batch)."""
+        self.seen_samples += len(batch)
+        prompts, conts = [], []
+        for q in batch:
+            p, c = self._pairs(q)
+            prompts += p
+            conts += c
+        p_ids, c_ids = self._ids(prompts, special=True), self._ids(conts, special=False)
+        L = self.max_length
+        seqs, starts = [], []
+        for p, c in zip(p_ids, c_ids):
+            c = c[:L - 1] if c else [self._pad_id]
+            p = p[-(L - len(c)):]  # truncate the prompt from the left
+            seqs.append(p + c)
+            starts.append(len(p))
+        self.seen_tokens += sum(len(s) for s in seqs)
+        ids, mask = self._pad(seqs)
+        # positions t predicting token t+1, for the continuation tokens only (no [N, L, V] logits)
+        rows = torch.tensor([i for i, s in enumerate(seqs) for _ in range(starts[i], len(s))], device=self.device)
+        pos = torch.tensor([t for i, s in enumerate(seqs) for t in range(starts[i], len(s))], device=self.device)
+        hidden = self.net.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = self.net.get_output_embeddings()(hidden[rows, pos - 1]).float()
+        tok_lp = logits.log_softmax(dim=-1).gather(1, ids[rows, pos].unsqueeze(1)).squeeze(1)
+        n = len(seqs)
+        total = torch.zeros(n, device=self.device).index_add(0, rows, tok_lp)
+        count = torch.zeros(n, device=self.device).index_add(0, rows, torch.ones_like(tok_lp))
+        return total / count
+
+    def tokens_per_sample(self, questions: Sequence[Any] | None = None) -> float:
+        """Average tokens processed per question (all its sequences), from a sample or history."""
+        if questions:
+            if self.kind == "encoder":
+                seqs, _ = self._pair_ids(questions)
+                return sum(len(s) for s in seqs) / len(questions)
+            pairs = [self._pairs(q) for q in questions]
+            prompts = [p for ps, _ in pairs for p in ps]
+            conts = [c for _, cs in pairs for c in cs]
+            n = sum(min(len(p) + len(c), self.max_length)
+                    for p, c in zip(self._ids(prompts), self._ids(conts, special=False)))
+            return n / len(questions)
+        if self.seen_samples:
+            return self.seen_tokens / self.seen_samples
+        return float(self.max_length) * (5 if self.kind == "encoder" else 4)  # crude: 4 options
