@@ -1,12 +1,15 @@
 """Per-round wall time: Flower simulation engine (Ray, via `flwr run`) vs the in-process simulator.
 
     .venv/bin/python bench/flower_overhead.py [--config configs/smoke.yaml] [--clients 10] [--rounds 4]
+                                              [--client-cpus 1|2]
 
 Both run the same config and seed (and produce the same metrics). Per-round time is the
 mean of the rows' `cpu_time_s` (wall seconds of one round: sampling, local training of
 every participant, aggregation, eval); for Flower it includes the messaging. The query
 round and Ray start-up are reported apart (`startup`). Prints the ratio flower/in-process
-(aim: < 1.5 at 10 clients).
+(goal: <= 1.1 at 10 clients). With `--client-cpus 1` (the default, as flower_app's
+local-simulation federation) every ClientApp actor gets one core, so on a 2-core machine
+two clients train at once, each on one thread; `--client-cpus 2` runs one at a time.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--keep", default=None, help="folder for the two run folders (default: temporary)")
+    ap.add_argument("--client-cpus", type=int, default=1, help="CPUs per ClientApp actor in the simulation")
     args = ap.parse_args()
 
     from fedlora import simulate
@@ -51,7 +55,7 @@ def main() -> None:
     simulate.run(cfg, work / "inprocess", overwrite=True, progress=False)
     t_in = time.perf_counter() - t0
 
-    flower = LocalFlower(work / "flower", nodes=args.clients, simulation=True)
+    flower = LocalFlower(work / "flower", nodes=args.clients, simulation=True, client_cpus=args.client_cpus)
     t0 = time.perf_counter()
     try:
         flower.start()
@@ -72,10 +76,15 @@ def main() -> None:
     spread = (per_round(work / "inprocess", False), per_round(work / "inprocess2", False))
     rows_a = [json.loads(x) for x in (work / "inprocess" / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (work / "flower_out" / "metrics.jsonl").read_text().splitlines()]
-    same = [r["participants"] for r in rows_a] == [r["participants"] for r in rows_b] and \
-        [r.get("train_loss") for r in rows_a] == [r.get("train_loss") for r in rows_b]
+    # docs/flower.md tolerances: participants and bytes exact, train loss relative 1e-4 (a
+    # different torch thread count per ClientApp changes float reductions in the last bits)
+    loss_diff = max((abs(a_["train_loss"] - b_["train_loss"]) / abs(a_["train_loss"])
+                     for a_, b_ in zip(rows_a, rows_b) if a_.get("train_loss") is not None), default=0.0)
+    same = [(r["participants"], r["upload_bytes"]) for r in rows_a] == \
+        [(r["participants"], r["upload_bytes"]) for r in rows_b] and loss_diff <= 1e-4
     print(f"config {args.config}  clients {args.clients}  rounds {args.rounds}  cpus {os.cpu_count()}")
-    print(f"participants per round: {[len(r['participants']) for r in rows_a[1:]]}  same metrics: {same}")
+    print(f"participants per round: {[len(r['participants']) for r in rows_a[1:]]}  same metrics: {same} "
+          f"(train loss max relative difference {loss_diff:.1e})")
     print(f"load average {os.getloadavg()[0]:.1f}; in-process before/after Flower: "
           f"{spread[0]:.2f} / {spread[1]:.2f} s/round (mean used below)")
     print(f"in-process : {a_all:7.2f} s/round (all)  {a:7.2f} s/round (rounds 2+)  total {t_in:6.1f} s")

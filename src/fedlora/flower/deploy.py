@@ -128,7 +128,7 @@ class LocalFlower:
 
     def __init__(self, workdir: Path | None = None, *, nodes: int = 3, simulation: bool = False,
                  num_partitions: int | None = None, env: dict | None = None, quiet: bool = True,
-                 insecure: bool = False):
+                 insecure: bool = False, client_cpus: int = 1):
         self._tmp = None
         if workdir is None:
             self._tmp = tempfile.mkdtemp(prefix="fedlora-flower-")
@@ -146,6 +146,7 @@ class LocalFlower:
         bindir = str(Path(sys.executable).parent)  # flower-superexec & co. are looked up on PATH
         self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
         self.quiet = quiet
+        self.client_cpus = int(client_cpus)  # simulation: CPUs per ClientApp actor (Ray)
         self.insecure = insecure or simulation  # the simulation engine has no SuperNodes to admit
         self.credentials = self.workdir / "credentials"
         self.tls = None  # TlsFiles once started securely
@@ -268,7 +269,8 @@ class LocalFlower:
                                                                             else '"' + str(v).replace('"', '\\"') + '"')
             cmd += ["--run-config", f"{k}={val}"]
         if self.simulation:
-            cmd += ["--federation-config", f"num-supernodes={self.nodes}"]
+            # one core per ClientApp actor, as flower_app's local-simulation federation says
+            cmd += ["--federation-config", f"num-supernodes={self.nodes} client-resources-num-cpus={self.client_cpus}"]
         return cmd
 
     def run(self, config: Path, out: Path, *, timeout: float = 1800.0, **kw) -> subprocess.CompletedProcess:
