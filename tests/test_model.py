@@ -358,6 +358,30 @@ def tiny_causal(tmp_path_factory) -> Path:
     return make_tiny_causal(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
+def test_hub_id_from_the_local_cache_and_offline_error(tiny_causal, tmp_path, monkeypatch):
+    """`model.name_or_path` may be a hub id: resolved from the Hugging Face cache as transformers
+    does (here offline, from a cache laid out as huggingface_hub writes it); not cached and
+    offline, one line that says how to give a local folder."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from fedlora.model import resolve_model_path
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--fedlora-test--tiny-qwen2"
+    shutil.copytree(tiny_causal, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model_path("fedlora-test/tiny-qwen2") == repo / "snapshots" / commit
+    eng = Engine(ModelSpec("fedlora-test/tiny-qwen2", max_length=64), rank=2, seed=0)
+    assert eng.kind == "causal" and eng.path == repo / "snapshots" / commit
+    with pytest.raises(ModelError, match=r"hub model 'fedlora-test/absent'.*model.name_or_path=DIR"):
+        resolve_model_path("fedlora-test/absent")
+
+
 @pytest.mark.parametrize("score", ["option", "answer"])
 def test_causal_engine_trains_and_evaluates(tiny_causal, score):
     eng = Engine(ModelSpec(str(tiny_causal), score=score, max_length=128), rank=4, seed=0)

@@ -56,6 +56,23 @@ def test_run_folder_contract(setup, tmp_path):
     for r in rs[1:]:
         assert r["upload_bytes"] == per_client * len(r["participants"])
     assert result["rounds"] == 3 and set(result["final_eval"]) == {"ARC-Easy", "social_i_qa"}
+    # live tracking: TensorBoard events hold the same numbers, on the simulated clock
+    ev = tensorboard_events(out)
+    evals = [r for r in rs if "eval_mean" in r]
+    assert [e.step for e in ev.Scalars("accuracy/mean")] == [r["round"] for r in evals]
+    assert [e.value for e in ev.Scalars("accuracy/mean")] == pytest.approx([r["eval_mean"] for r in evals])
+    assert [e.wall_time for e in ev.Scalars("time/simulated_s")] == pytest.approx([r["sim_time_s"] for r in rs])
+    assert ev.Scalars("bytes/upload_total")[-1].value == pytest.approx(result["upload_bytes"])
+    assert [e.step for e in ev.Scalars("loss/train")] == [1, 2, 3]
+    assert [h.step for h in ev.Histograms("plan/participation_prob")] == [0]
+
+
+def tensorboard_events(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    ev.Reload()
+    return ev
 
 
 def test_resume_equals_uninterrupted(setup, tmp_path, killed_then_resumed):
@@ -70,6 +87,10 @@ def test_resume_equals_uninterrupted(setup, tmp_path, killed_then_resumed):
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the resumed run's TensorBoard events: one point per round, as the uninterrupted run's
+    full_ev, killed_ev = tensorboard_events(full), tensorboard_events(killed)
+    for tag in ("loss/train", "accuracy/mean"):
+        assert [(e.step, e.value) for e in killed_ev.Scalars(tag)] == [(e.step, e.value) for e in full_ev.Scalars(tag)]
 
 
 def test_nan_update_is_rejected_and_run_goes_on(setup, tmp_path, monkeypatch):
@@ -78,6 +99,7 @@ def test_nan_update_is_rejected_and_run_goes_on(setup, tmp_path, monkeypatch):
     cfg = setup.cfg.model_copy(deep=True)
     cfg.sampling.participation_prob = 1.0
     cfg.train.rounds = 2
+    cfg.track.tensorboard = False
 
     def poisoned(start, **kw):
         res = real(start, **kw)
@@ -100,6 +122,7 @@ def test_nan_update_is_rejected_and_run_goes_on(setup, tmp_path, monkeypatch):
     assert rs[2]["rejected"] == []
     state = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())
+    assert not (out / "tensorboard").exists()  # track.tensorboard: false
 
 
 def test_same_seed_same_numbers_and_the_probe_only_measures(setup, tmp_path):
@@ -201,6 +224,7 @@ def bad_input_cases(tmp_path):
         (["system.profiles.source=file", f"system.profiles.file={unreadable}"], ["garbled.json"]),
         (["system.profiles.source=file", f"system.profiles.file={tmp_path / 'nofile.json'}"], ["nofile.json"]),
         (["model.name_or_path=/no/such/model"], ["model.name_or_path", "/no/such/model"]),
+        (["model.name_or_path=nobody/no-such-model"], ["hub model 'nobody/no-such-model'", "model.name_or_path=DIR"]),
     ]
 
 

@@ -46,12 +46,11 @@ def run(config: Path = typer.Argument(..., help="YAML run config"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
         overrides: Optional[list[str]] = OverridesArg):
     """Fine-tune one LoRA adapter federatedly on a simulated wireless clock."""
-    cfg = load_config(config, overrides or [])
-    quiet_libraries()
-    from .simulate import run as run_sim
+    from .api import run as run_config
 
     out = out or Path("runs") / config.stem
-    result = run_sim(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    result = run_config(config, out, overrides=overrides or [], resume=resume, overwrite=overwrite,
+                        progress=not quiet)
     _print_result(result, out)
 
 
@@ -84,23 +83,12 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
     """The plan a `proposed` run starts with: q_i and ranks k_i for every client (Algorithm 2).
     With online planning (the default) that is the plan made before any update is seen (or the
     warm-up, with planner.online.warmup_rounds); the run refines it as it learns."""
+    from .api import plan as make_plan
+
     cfg = load_config(config, overrides or [])
-    cfg.method = "proposed"
-    from .pilot import check_planner_inputs
-
-    check_planner_inputs(cfg)
-    quiet_libraries()
-    from .methods.proposed import Proposed
-    from .pilot import resolve_constants
-    from .setup import build_setup, clients_json
-
-    setup = build_setup(cfg)
-    ctx = setup.method_context()
-    ctx.constants, pre_run_s = resolve_constants(cfg, out or Path("runs") / f"{config.stem}-plan", setup=setup,
-                                                 progress=not as_json)
-    method = Proposed(ctx)
-    result = method.plan()
-    clients = clients_json(setup)
+    result = make_plan(cfg, out=out or Path("runs") / f"{config.stem}-plan", progress=not as_json)
+    clients, pre_run_s = result.pop("clients"), result.pop("pre_run_planning_s")
+    online = result["constants"] == "online"
     if as_json:
         typer.echo(json.dumps({**result, "clients": clients, "pre_run_planning_s": pre_run_s}, indent=1))
         return
@@ -117,7 +105,7 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
     console.print(table)
     console.print(f"expected participants {result['expected_participants']:.2f}  "
                   f"expected round time (Theorem-2 bound) {result['expected_round_time_s']:.3f} s")
-    if method.online:
+    if online:
         oc = cfg.planner.online
         start = (f"rounds 1-{oc.warmup_rounds} run this warm-up (every client, full rank)" if oc.warmup_rounds else
                  "round 1 runs this plan, made before any update was seen (each client's update taken as "

@@ -278,6 +278,11 @@ class MethodOptions(_Strict):
     tsfa_v: float = Field(1.0, gt=0)
 
 
+class TrackConfig(_Strict):
+    # TensorBoard events in <run folder>/tensorboard (`tensorboard --logdir runs/`)
+    tensorboard: bool = True
+
+
 class RunConfig(_Strict):
     method: str = "manual"
     seed: int = 0
@@ -291,6 +296,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     planner: PlannerConfig = PlannerConfig()
     options: MethodOptions = MethodOptions()
+    track: TrackConfig = TrackConfig()
 
     @model_validator(mode="after")
     def _per_client_lists(self):

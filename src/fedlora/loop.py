@@ -33,6 +33,7 @@ from .model import Engine
 from .rundir import load_checkpoint, read_rows, save_checkpoint, target_reached, time_to_target, write_atomic
 from .setup import Setup, build_setup, clients_json, derived_seed, local_train
 from .streams import STREAM_FADING, STREAM_INIT, STREAM_PROBE
+from .tracking import RunLog
 from .data import subsample
 from .system import downlink_time_s, equal_finish_allocation, equal_split_allocation, rayleigh_fading
 
@@ -336,32 +337,40 @@ def restore(setup: Setup, method: Method, out: Path, pre_run_s: float):
 
 def run_rounds(setup: Setup, method: Method, out: Path, executor: Executor, state, prog: dict, *,
                progress: bool = True, stop_when=None):
-    """The loop: configure, train (executor), aggregate and clock, commit; until a stop rule."""
+    """The loop: configure, train (executor), aggregate and clock, commit (metrics.jsonl, the
+    checkpoint, TensorBoard); until a stop rule."""
     cfg = setup.cfg
     clock = RoundClock(setup)
     bar = _progress(cfg.train.rounds, prog["next_round"] - 1, enabled=progress)
     history = read_rows(out) if stop_when else []
     last_eval = None
-    with open(out / "metrics.jsonl", "a") as metrics:
-        t = prog["next_round"]
-        while prog["stop_reason"] is None and t <= cfg.train.rounds:
-            cpu0 = time.perf_counter()
-            rc = method.configure_round(t, state)
-            jobs = {j.client_id: j for j in rc.jobs}
-            replies = executor.train(t, jobs)
-            part = {i: j for i, j in jobs.items() if i not in (replies.missing or [])}
-            state, row = close_round(setup, method, clock, prog, t, state, rc, part, replies)
-            if stop_when is not None:
-                history.append(row)
-            prog["stop_reason"] = stop_reason(cfg, prog, t, history if stop_when else [row], stop_when)
-            row["cpu_time_s"] = time.perf_counter() - cpu0
-            prog["cpu_time_s"] += row["cpu_time_s"]
-            commit_round(out, metrics, row, state, method, setup.engine, prog)
-            executor.round_done(row)
-            last_eval = row.get("eval_mean", last_eval)
-            bar.update(1)
-            bar.set_postfix(sim=f"{prog['sim_time_s']:.0f}s", loss=_fmt(row["train_loss"]), acc=_fmt(last_eval))
-            t += 1
+    track = RunLog(out, enabled=cfg.track.tensorboard, first_round=prog["next_round"])
+    if prog["next_round"] == 1:  # round 0: the evaluation before training, and the starting plan
+        track.row(read_rows(out)[0], prog, plan=method.plan())
+    try:
+        with open(out / "metrics.jsonl", "a") as metrics:
+            t = prog["next_round"]
+            while prog["stop_reason"] is None and t <= cfg.train.rounds:
+                cpu0 = time.perf_counter()
+                rc = method.configure_round(t, state)
+                jobs = {j.client_id: j for j in rc.jobs}
+                replies = executor.train(t, jobs)
+                part = {i: j for i, j in jobs.items() if i not in (replies.missing or [])}
+                state, row = close_round(setup, method, clock, prog, t, state, rc, part, replies)
+                if stop_when is not None:
+                    history.append(row)
+                prog["stop_reason"] = stop_reason(cfg, prog, t, history if stop_when else [row], stop_when)
+                row["cpu_time_s"] = time.perf_counter() - cpu0
+                prog["cpu_time_s"] += row["cpu_time_s"]
+                commit_round(out, metrics, row, state, method, setup.engine, prog)
+                track.row(row, prog)
+                executor.round_done(row)
+                last_eval = row.get("eval_mean", last_eval)
+                bar.update(1)
+                bar.set_postfix(sim=f"{prog['sim_time_s']:.0f}s", loss=_fmt(row["train_loss"]), acc=_fmt(last_eval))
+                t += 1
+    finally:
+        track.close()
     bar.close()
     if prog["stop_reason"] is None:
         prog["stop_reason"] = "max_rounds"

