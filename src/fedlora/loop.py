@@ -28,26 +28,15 @@ import torch
 
 from .config import InputError, RunConfig, dump_config, validate
 from .methods import get_method
-from .methods.base import ClientJob, Method, Payload, client_payload, compute_model, payload_values
+from .methods.base import (ClientJob, Method, Payload, client_payload, compute_model, factors_payload, payload_values,
+                           split_payload)
 from .model import Engine
 from .rundir import load_checkpoint, read_rows, save_checkpoint, target_reached, time_to_target, write_atomic
+from .data import subsample
 from .setup import Setup, build_setup, clients_json, derived_seed, local_train
 from .streams import STREAM_FADING, STREAM_INIT, STREAM_PROBE
-from .tracking import RunLog
-from .data import subsample
 from .system import downlink_time_s, equal_finish_allocation, equal_split_allocation, rayleigh_fading
-
-
-def flatten_state(state) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, (a, b) in state.items():
-        out[f"{name}.A"], out[f"{name}.B"] = a.contiguous(), b.contiguous()
-    return out
-
-
-def unflatten_state(flat: dict[str, torch.Tensor]):
-    names = sorted({k.rsplit(".", 1)[0] for k in flat})
-    return {n: (flat[f"{n}.A"], flat[f"{n}.B"]) for n in names}
+from .tracking import RunLog
 
 
 # ------------------------------------------------------------------ loop
@@ -262,7 +251,7 @@ def commit_round(out: Path, metrics, row: dict, state, method: Method, engine: E
 
 def checkpoint(out: Path, state, method: Method, engine: Engine, prog: dict) -> None:
     """The loop's state after a round: adapter, method state, merged base delta, progress."""
-    save_checkpoint(out, adapter=flatten_state(state), method_state=method.state_dict(), base_delta=engine.base_delta(),
+    save_checkpoint(out, adapter={k: v.contiguous() for k, v in factors_payload(state).items()}, method_state=method.state_dict(), base_delta=engine.base_delta(),
                     progress=prog)
 
 
@@ -332,7 +321,7 @@ def restore(setup: Setup, method: Method, out: Path, pre_run_s: float):
     # drop metric rows written after the checkpoint (a crash between row and checkpoint)
     rows = read_rows(out, before_round=prog["next_round"])
     write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return unflatten_state(adapter), prog
+    return split_payload(adapter), prog
 
 
 def run_rounds(setup: Setup, method: Method, out: Path, executor: Executor, state, prog: dict, *,

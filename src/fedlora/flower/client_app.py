@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .common import array_record, cached_setup, config_key, load_run_config, record_tensors, tensors_to_state, wire_object
+from .common import array_record, cached_setup, config_key, load_run_config, record_tensors, wire_object
 
 log = logging.getLogger("fedlora.flower")
 
@@ -54,7 +54,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from ..methods.base import ClientJob, DeltaUpload, client_payload
+    from ..methods.base import ClientJob, DeltaUpload, client_payload, split_payload
     from ..setup import local_train
 
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     # still hold another run's merges).
     delta = record_tensors(msg.content["base-delta"]) if "base-delta" in msg.content else {}
     setup.engine.load_base_delta(delta)
-    start = tensors_to_state(record_tensors(msg.content["start"]))
+    start = split_payload(record_tensors(msg.content["start"]))
     idx = list(job_cfg.get("rank-indices", []))
     job = ClientJob(client_id=pid, start=start, scaling=float(job_cfg["scaling"]),
                     compute_ratio=float(job_cfg["compute-ratio"]), rank_indices=np.asarray(idx, dtype=np.int64),

@@ -81,17 +81,10 @@ def cached_setup(cfg: RunConfig):
 
 
 def state_to_tensors(state) -> dict[str, torch.Tensor]:
-    """AdapterState {module: (A, B)} -> {"module.A": A, "module.B": B} (contiguous, CPU)."""
-    out = {}
-    for name, (a, b) in state.items():
-        out[f"{name}.A"] = a.detach().cpu().contiguous()
-        out[f"{name}.B"] = b.detach().cpu().contiguous()
-    return out
+    """AdapterState {module: (A, B)} -> {"module.A": A, "module.B": B} on the wire (contiguous, CPU)."""
+    from ..methods.base import factors_payload
 
-
-def tensors_to_state(flat: dict[str, torch.Tensor]):
-    names = sorted({k.rsplit(".", 1)[0] for k in flat})
-    return {n: (flat[f"{n}.A"], flat[f"{n}.B"]) for n in names}
+    return {k: v.detach().cpu().contiguous() for k, v in factors_payload(state).items()}
 
 
 def array_record(tensors: dict[str, torch.Tensor]):

@@ -38,7 +38,7 @@ from ..methods.base import ClientJob, payload_values
 from ..setup import Setup
 from ..system import ClientProfile
 from .common import (array_record, check_payload, config_key, indices_list, record_tensors, state_to_tensors,
-                     tensors_to_state, wire_config)
+                     wire_config)
 
 log = logging.getLogger("fedlora.flower")
 
@@ -296,4 +296,4 @@ class FlowerExecutor(Executor):
                 "rejected_replies": {str(i): s.rejected_count.get(i, 0) for i in range(n)}}
 
 
-__all__ = ["FedLoraStrategy", "FlowerExecutor", "NodeSetup", "tensors_to_state"]
+__all__ = ["FedLoraStrategy", "FlowerExecutor", "NodeSetup"]
