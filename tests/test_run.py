@@ -65,6 +65,10 @@ def test_run_folder_contract(setup, tmp_path):
     assert ev.Scalars("bytes/upload_total")[-1].value == pytest.approx(result["upload_bytes"])
     assert [e.step for e in ev.Scalars("loss/train")] == [1, 2, 3]
     assert [h.step for h in ev.Histograms("plan/participation_prob")] == [0]
+    # turning TensorBoard off is not another run: the finished folder is taken as it is
+    again = simulate.run(setup.cfg.model_copy(update={"track": setup.cfg.track.model_copy(
+        update={"tensorboard": False})}), out, setup=setup, progress=False, resume=True)
+    assert again == result
 
 
 def tensorboard_events(out):

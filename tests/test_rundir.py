@@ -97,9 +97,26 @@ def test_run_status_one_rule(tmp_path):
     assert run_status(f, cfg) == "finished"
     with pytest.raises(InputError, match="seed: 0 there, 1 now"):
         run_status(f, "method: manual\nseed: 1\n")
+    # what is recorded is not what is trained: a folder made before `track` existed, or with
+    # TensorBoard on, belongs to the same config with it off
+    assert run_status(f, cfg + "track:\n  tensorboard: false\n") == "finished"
+    with pytest.raises(InputError, match="seed: 0 there, 1 now"):
+        run_status(f, "method: manual\nseed: 1\ntrack:\n  tensorboard: false\n")
     assert first_difference(f / "config.yaml", cfg) == "formatting"
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not a run folder"):
         run_status(other, cfg)
+
+
+def test_recording_switches_do_not_make_another_setting():
+    """Turning TensorBoard off keys the same setting (reference, targets) and the same pilots."""
+    from fedlora.config import load_config
+    from fedlora.pilot import pilot_key
+    from fedlora.study import setting_key
+
+    on = load_config(None, ["seed=3"])
+    off = load_config(None, ["seed=3", "track.tensorboard=false"])
+    assert setting_key(on) == setting_key(off) and pilot_key(on) == pilot_key(off)
+    assert setting_key(on) != setting_key(load_config(None, ["train.lr=0.5"]))

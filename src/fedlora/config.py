@@ -395,3 +395,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# Sections that change what a run records, not what it trains (settings, pilots and run
+# folders are matched without them).
+RECORDING_ONLY = ("track",)
+
+
+def training_dump(cfg: RunConfig) -> str:
+    """dump_config without the RECORDING_ONLY sections: the text that keys a setting."""
+    raw = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RECORDING_ONLY}
+    return yaml.safe_dump(raw, sort_keys=False)

@@ -31,7 +31,8 @@ from .methods import get_method
 from .methods.base import (ClientJob, Method, Payload, client_payload, compute_model, factors_payload, payload_values,
                            split_payload)
 from .model import Engine
-from .rundir import load_checkpoint, read_rows, save_checkpoint, target_reached, time_to_target, write_atomic
+from .rundir import (load_checkpoint, read_rows, same_training, save_checkpoint, target_reached, time_to_target,
+                     write_atomic)
 from .data import subsample
 from .setup import Setup, build_setup, clients_json, derived_seed, local_train
 from .streams import STREAM_FADING, STREAM_INIT, STREAM_PROBE
@@ -271,7 +272,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     extending = False
     if resume and (out / "config.yaml").exists():
         saved = (out / "config.yaml").read_text()
-        if saved != dump_config(cfg):
+        if not same_training(saved, dump_config(cfg)):
             extending = check_extension(out, saved, cfg)  # more rounds or time: continue; else refused
     if setup is None:
         setup = build_setup(cfg)  # validates data, model and profiles before touching `out`
@@ -381,7 +382,7 @@ def check_extension(out: Path, saved: str, cfg: RunConfig) -> bool:
                                                                     "max_sim_time_s": t_new.max_sim_time_s})})
     longer = t_new.rounds >= t_old.rounds and (t_new.max_sim_time_s is None or (
         t_old.max_sim_time_s is not None and t_new.max_sim_time_s >= t_old.max_sim_time_s))
-    if dump_config(same) != dump_config(cfg) or not longer:
+    if not same_training(dump_config(same), dump_config(cfg)) or not longer:
         raise InputError(f"{out}/config.yaml: differs from the given config "
                          f"({first_difference(out / 'config.yaml', dump_config(cfg))}); resume needs the same "
                          "config, or only a larger train.rounds / train.max_sim_time_s")

@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .config import ConstantsConfig, InputError, PilotConfig, RunConfig, dump_config
+from .config import ConstantsConfig, InputError, PilotConfig, RunConfig, training_dump
 from .planner import (BoundConstants, ConstantEstimationError, PilotObservation, estimate_constants,
                       fit_constants_constrained, rounds_factor)
 
@@ -27,12 +27,12 @@ def pilot_config(cfg: RunConfig) -> PilotConfig:
 
 def pilot_key(cfg: RunConfig) -> str:
     """What a pilot folder belongs to: the config without the planned method's own knobs
-    (method, targets, time cap, planner switch)."""
+    (method, targets, time cap, planner switch) and without what is only recorded (track)."""
     c = cfg.model_copy(deep=True)
     c.method = "manual"
     c.train.target_accuracy, c.train.max_sim_time_s = None, None
     c.planner.constants = "pilots"
-    return hashlib.sha256(dump_config(c).encode()).hexdigest()[:12]
+    return hashlib.sha256(training_dump(c).encode()).hexdigest()[:12]
 
 
 def loss_key(rows: list[dict]) -> str:

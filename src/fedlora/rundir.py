@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import InputError
+from .config import RECORDING_ONLY, InputError
 
 __all__ = ["write_atomic", "read_rows", "time_to_target", "first_reaching", "target_reached", "run_status", "has_checkpoint",
            "save_checkpoint", "load_checkpoint"]
@@ -136,7 +136,7 @@ def run_status(folder: Path, config_text: str) -> RunStatus:
     if "result.json" in entries or has_checkpoint(folder):
         if not saved.exists():
             raise InputError(f"{folder}: run folder without config.yaml; move it away or use another folder")
-        if saved.read_text() != config_text:
+        if not same_training(saved.read_text(), config_text):
             raise InputError(f"{saved}: differs from this run's config ({first_difference(saved, config_text)}); "
                              "use another folder or remove this one")
         return "finished" if "result.json" in entries else "resume"
@@ -144,6 +144,24 @@ def run_status(folder: Path, config_text: str) -> RunStatus:
     if entries & set(RUN_FILES) and entries <= partial:
         return "restart"
     raise InputError(f"{folder}: exists and is not a run folder of this config; use another folder")
+
+
+def same_training(saved_text: str, config_text: str) -> bool:
+    """Do two config texts (config.dump_config) train the same run?"""
+    import yaml
+
+    if saved_text == config_text:
+        return True
+    try:
+        old, new = yaml.safe_load(saved_text), yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return False
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return False
+    # config.RECORDING_ONLY: turning TensorBoard off on --resume is fine, and folders made
+    # before such a section existed still match
+    return ({k: v for k, v in old.items() if k not in RECORDING_ONLY} ==
+            {k: v for k, v in new.items() if k not in RECORDING_ONLY})
 
 
 def first_difference(saved: Path, config_text: str) -> str:
@@ -158,6 +176,8 @@ def first_difference(saved: Path, config_text: str) -> str:
     def walk(a, b, prefix=""):
         if isinstance(a, dict) and isinstance(b, dict):
             for k in list(b) + [k for k in a if k not in b]:
+                if not prefix and k in RECORDING_ONLY:
+                    continue
                 d = walk(a.get(k), b.get(k), f"{prefix}{k}.")
                 if d:
                     return d

@@ -49,7 +49,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import ConstantsConfig, InputError, RunConfig, dump_config, load_config, validate
+from .config import ConstantsConfig, InputError, RunConfig, dump_config, load_config, training_dump, validate
 from .rundir import has_checkpoint, read_rows, run_status, write_atomic
 
 EVAL_WINDOW = 3  # reference evaluations averaged into acc_ref
@@ -143,7 +143,7 @@ def setting_key(cfg: RunConfig) -> str:
     c.train.max_sim_time_s = None
     c.planner.constants = "online"
     c.eval.probe_examples = None  # a measurement only: training is the same with or without it
-    return hashlib.sha256(dump_config(c).encode()).hexdigest()[:12]
+    return hashlib.sha256(training_dump(c).encode()).hexdigest()[:12]  # nor what is recorded (track)
 
 
 # ----------------------------------------------------------------------------- rules
