@@ -252,7 +252,8 @@ def commit_round(out: Path, metrics, row: dict, state, method: Method, engine: E
 
 def checkpoint(out: Path, state, method: Method, engine: Engine, prog: dict) -> None:
     """The loop's state after a round: adapter, method state, merged base delta, progress."""
-    save_checkpoint(out, adapter={k: v.contiguous() for k, v in factors_payload(state).items()}, method_state=method.state_dict(), base_delta=engine.base_delta(),
+    adapter = {k: v.contiguous() for k, v in factors_payload(state).items()}
+    save_checkpoint(out, adapter=adapter, method_state=method.state_dict(), base_delta=engine.base_delta(),
                     progress=prog)
 
 
@@ -390,7 +391,7 @@ def check_extension(out: Path, saved: str, cfg: RunConfig) -> bool:
 
 
 def limit_reached(cfg: RunConfig, prog: dict) -> bool:
-    """Has the run used up its rounds or its simulated time (as close_round decides)?"""
+    """Has the run used up its rounds or its simulated time (as stop_reason decides)?"""
     t = cfg.train
     return prog["next_round"] > t.rounds or (t.max_sim_time_s is not None and prog["sim_time_s"] >= t.max_sim_time_s)
 

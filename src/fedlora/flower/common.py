@@ -80,14 +80,8 @@ def cached_setup(cfg: RunConfig):
 # ------------------------------------------------------------------ wire format
 
 
-def state_to_tensors(state) -> dict[str, torch.Tensor]:
-    """AdapterState {module: (A, B)} -> {"module.A": A, "module.B": B} on the wire (contiguous, CPU)."""
-    from ..methods.base import factors_payload
-
-    return {k: v.detach().cpu().contiguous() for k, v in factors_payload(state).items()}
-
-
 def array_record(tensors: dict[str, torch.Tensor]):
+    """Named tensors (a payload, factors_payload(state), a base delta) on the wire: CPU, contiguous."""
     from flwr.app import ArrayRecord
 
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})

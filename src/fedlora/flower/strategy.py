@@ -34,11 +34,10 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from ..config import InputError, RunConfig
 from ..loop import ClientReplies, Executor
-from ..methods.base import ClientJob, payload_values
+from ..methods.base import ClientJob, factors_payload, payload_values
 from ..setup import Setup
 from ..system import ClientProfile
-from .common import (array_record, check_payload, config_key, indices_list, record_tensors, state_to_tensors,
-                     wire_config)
+from .common import array_record, check_payload, config_key, indices_list, record_tensors, wire_config
 
 log = logging.getLogger("fedlora.flower")
 
@@ -160,7 +159,7 @@ class FedLoraStrategy(Strategy):
                                     "rank-indices": indices_list(job.rank_indices), "config-key": key,
                                     **wire_config("reg", job.regularizer), **wire_config("upload", job.upload),
                                     **dict(train_config.items())})
-            content = RecordDict({"start": array_record(state_to_tensors(job.start)), "job": job_cfg})
+            content = RecordDict({"start": array_record(factors_payload(job.start)), "job": job_cfg})
             if base_delta:
                 content["base-delta"] = array_record(base_delta)
             msgs.append(Message(content, dst_node_id=node, message_type="train", group_id=str(server_round),
