@@ -2,8 +2,8 @@
 
 Both train the same rank-r LoRA (query/value + the score head) of the embedded
 all-MiniLM-L6-v2 on the same ARC-Easy batches with a fresh AdamW each call, with the same
-cross-encoder scorer (encode "[CLS] question [SEP] option [SEP]", mean pool, linear head,
-cross-entropy over the options). The plain loop is written out below on a `get_peft_model`
+cross-encoder scorer (encode "[CLS] question [SEP] option [SEP]", mean of the token
+logits of the one-label token-classification head, cross-entropy over the options). The plain loop is written out below on a `get_peft_model`
 of a second copy of the base: its batches are tokenized, length-grouped (the same rule as
 the engine's CPU path) and padded *before* timing, so it is the pure compute lower bound
 and the ratio is everything the engine adds (tokenization cache, padding, adapter switch
@@ -58,6 +58,11 @@ def plain_batches(tokenizer, batches, max_length):
     return [prepare(tokenizer, batch, max_length) for batch in batches]
 
 
+def mean_logit(logits, mask):
+    """A pair's score: its token logits [G, L, 1] averaged over the attention mask."""
+    return (logits[..., 0] * mask).sum(1) / mask.sum(1)
+
+
 def plain_train(peft_model, lora_params, start, prepared, lr):
     with torch.no_grad():
         for (pa, pb), (a, b) in zip(lora_params, start.values()):
@@ -67,7 +72,8 @@ def plain_train(peft_model, lora_params, start, prepared, lr):
     for parts, owner, slot, width, labels in prepared:
         vals = torch.empty(len(owner))
         vals = vals.index_put((torch.cat([g for *_, g in parts]),),
-                              torch.cat([peft_model(input_ids=i, attention_mask=m, token_type_ids=t) for i, m, t, _ in parts]))
+                              torch.cat([mean_logit(peft_model(input_ids=i, attention_mask=m, token_type_ids=t).logits, m)
+                                         for i, m, t, _ in parts]))
         scores = torch.full((len(labels), width), float("-inf")).index_put((owner, slot), vals)
         loss = F.cross_entropy(scores, labels)
         opt.zero_grad(set_to_none=True)
@@ -100,7 +106,7 @@ def main() -> None:
     start = engine.init_state(0)
     scaling = spec.lora_alpha / r
 
-    base = load_base_model(engine.path, "encoder")
+    base, _ = load_base_model(engine.path, "encoder")
     plain = get_peft_model(base, LoraConfig(r=r, lora_alpha=spec.lora_alpha,
                                             target_modules=["query", "value", SCORE_HEAD]))
     plain.eval()  # no dropout anywhere, as in the engine

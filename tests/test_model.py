@@ -1,7 +1,7 @@
 """Tests of the model engine (src/fedlora/model.py).
 
 Fast tests use a handful of hand-written questions on the embedded all-MiniLM-L6-v2 (the
-cross-encoder scorer: encoder + a LoRA-only score head) and a tiny random Qwen2 built in
+cross-encoder scorer: encoder + a LoRA-only score head over the mean-pooled pair) and a tiny random Qwen2 built in
 tmp_path; the @slow one trains on real ARC-Easy questions.
 """
 
@@ -18,8 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlora.model import (EMBEDDED_MODEL, SCORE_HEAD, Engine, ModelError, ModelSpec, load_base_model,
-                           resolve_model_path, state_rank)
+from fedlora.model import EMBEDDED_MODEL, SCORE_HEAD, Engine, ModelError, ModelSpec, resolve_model_path, state_rank
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "fedlora" / "resources" / "commonsense"
 ALPHA = 16.0
@@ -99,7 +98,7 @@ def test_module_names_shapes_and_init(engine):
     names = list(engine.module_shapes)
     assert names == sorted(names) and len(names) == 13  # 6 layers x (query, value) + the score head
     assert engine.frozen_prefix == 0  # LoRA in every block: nothing to cache
-    assert names[0] == "encoder.encoder.layer.0.attention.self.query"
+    assert names[0] == "bert.encoder.layer.0.attention.self.query"
     assert engine.module_shapes[SCORE_HEAD] == (384, 1)
     assert all(s == (384, 384) for n, s in engine.module_shapes.items() if n != SCORE_HEAD)
     s1, s2, s3 = engine.init_state(1), engine.init_state(1), engine.init_state(2)
@@ -213,7 +212,7 @@ def test_frozen_prefix_cache_matches_full_forward():
     state and a FLoRA-style merge of the full forward pass (same math, only cached)."""
     eng = Engine(ModelSpec(EMBEDDED_MODEL, max_length=32, lora_layers=(4, 5)), rank=4, seed=0)
     assert eng.frozen_prefix == 4
-    assert sorted(eng.layers) == sorted([f"encoder.encoder.layer.{i}.attention.self.{m}"
+    assert sorted(eng.layers) == sorted([f"bert.encoder.layer.{i}.attention.self.{m}"
                                          for i in (4, 5) for m in ("query", "value")] + [SCORE_HEAD])
     st = random_state(eng, 3)
     batches = [QS[:3], QS[3:6], QS[:2] + QS[4:]]
@@ -283,48 +282,119 @@ def test_merge_into_base_and_restore(engine):
         engine.load_base_delta({})
 
 
-def _plain_cross_encoder_scores(model, tokenizer, questions, max_length=32):
-    """The scorer written plainly: one padded batch of (question, option) pairs per question."""
+def _standard_scores(adapter: Path, base: Path, questions, max_length=32):
+    """The scores a user gets from the saved adapter with standard classes and no fedlora code:
+    transformers' AutoModelForTokenClassification + PEFT, the pair's score the mean of its
+    token logits (README, "Use the adapter"). Returns scores and the warnings loading raised."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(AutoModelForTokenClassification.from_pretrained(base, num_labels=1),
+                                          adapter).eval()
+    tok = AutoTokenizer.from_pretrained(base)
     rows = []
     with torch.no_grad():
         for q in questions:
-            enc = tokenizer([q.text] * len(q.options), list(q.options), padding=True, truncation="longest_first",
-                            max_length=max_length, return_tensors="pt")
-            rows.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                              token_type_ids=enc["token_type_ids"]))
+            enc = tok([q.text] * len(q.options), list(q.options), padding=True, truncation="longest_first",
+                      max_length=max_length, return_tensors="pt")
+            logits = model(**enc).logits[..., 0]
+            mask = enc["attention_mask"]
+            rows.append((logits * mask).sum(1) / mask.sum(1))
     width = max(len(r) for r in rows)
-    return torch.stack([F.pad(r, (0, width - len(r)), value=-math.inf) for r in rows])
+    return torch.stack([F.pad(r, (0, width - len(r)), value=-math.inf) for r in rows]), caught
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
-def test_save_peft_adapter_roundtrip(engine, tmp_path):
-    from peft import PeftModel
-
+def test_save_peft_adapter_loads_on_standard_classes(engine, tmp_path):
     state = random_state(engine, 6)
     ours = engine.scores(state, scaling=ALPHA / engine.rank, questions=QS)
     engine.save_peft_adapter(state, ALPHA, tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert cfg["r"] == engine.rank and cfg["lora_alpha"] == ALPHA and set(cfg["target_modules"]) == {"query", "value", SCORE_HEAD}
+    assert cfg["r"] == engine.rank and cfg["lora_alpha"] == ALPHA
+    assert set(cfg["target_modules"]) == {"query", "value"} and cfg["modules_to_save"] == [SCORE_HEAD]
+    assert cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # portable: a hub id
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    peft_model = PeftModel.from_pretrained(load_base_model(engine.path, "encoder"), tmp_path / "adapter").eval()
-    theirs = _plain_cross_encoder_scores(peft_model, engine.tokenizer, QS)
+    theirs, caught = _standard_scores(tmp_path / "adapter", engine.path, QS)
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
     fin = torch.isfinite(ours)
     assert torch.equal(fin, torch.isfinite(theirs))
     assert (ours[fin] - theirs[fin]).abs().max() < 1e-4
+    assert (ours[fin]).abs().max() > 1e-2  # the head's LoRA did change the scores from 0
 
-    # merged base deltas (FLoRA-style) are folded into the exported adapter
-    name = next(iter(engine.module_shapes))
+    # merged base deltas (FLoRA-style), the head's included, are folded into the exported adapter
     g = torch.Generator().manual_seed(7)
-    delta = {name: torch.randn(384, 3, generator=g) @ torch.randn(3, 384, generator=g) * 0.01}
+    name = next(iter(engine.module_shapes))
+    delta = {name: torch.randn(384, 3, generator=g) @ torch.randn(3, 384, generator=g) * 0.01,
+             SCORE_HEAD: torch.randn(1, 384, generator=g) * 0.1}
     engine.merge_into_base(delta)
     try:
         ours = engine.scores(state, scaling=ALPHA / engine.rank, questions=QS)
         engine.save_peft_adapter(state, ALPHA, tmp_path / "adapter2")
     finally:
         engine.load_base_delta({})
-    peft_model = PeftModel.from_pretrained(load_base_model(engine.path, "encoder"), tmp_path / "adapter2").eval()
-    theirs = _plain_cross_encoder_scores(peft_model, engine.tokenizer, QS)
+    theirs, _ = _standard_scores(tmp_path / "adapter2", engine.path, QS)
     assert (ours[fin] - theirs[fin]).abs().max() < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
+def test_readme_adapter_example_gives_the_engines_scores(engine, tmp_path, capsys):
+    """The README's "use the adapter" example, run as written (base id and adapter folder
+    pointed at this machine's copies: no hub here), scores as the engine does."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (Path(__file__).resolve().parents[1] / "README.md")
+                                       .read_text(), flags=re.S) if "AutoModelForTokenClassification" in b)
+    base_id = re.search(r'base = "([^"]+)"', block).group(1)
+    adapter = re.search(r'PeftModel.from_pretrained\(model, "([^"]+)"\)', block).group(1)
+    state = random_state(engine, 11)
+    engine.save_peft_adapter(state, ALPHA, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == base_id
+    namespace: dict = {}
+    exec(compile(block.replace(base_id, str(engine.path)).replace(adapter, str(tmp_path / "adapter")),
+                 "README.md", "exec"), namespace)
+    q = Question("science", namespace["question"], tuple(namespace["options"]), 0)
+    ours = engine.scores(state, scaling=ALPHA / engine.rank, questions=[q])[0]
+    assert torch.allclose(namespace["scores"], ours, atol=1e-4)
+    assert capsys.readouterr().out.strip() == q.options[int(ours.argmax())]
+
+
+def test_weights_the_checkpoint_lacks_travel_with_the_adapter(tmp_path):
+    """Weights the checkpoint lacks are initialized by the engine (seeded): they are saved whole
+    with the adapter, so the standard classes give the engine's scores; a LoRA target among
+    them is refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "tiny_bert"
+    minilm = resolve_model_path(EMBEDDED_MODEL)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(folder)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / f, folder / f)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("encoder.layer.0.output.dense.")},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    eng = Engine(ModelSpec(str(folder), max_length=32), rank=2, seed=3)
+    assert eng.initialized_modules == ["bert.encoder.layer.0.output.dense"]
+    state = random_state(eng, 1)
+    ours = eng.scores(state, scaling=ALPHA / 2, questions=QS)
+    eng.save_peft_adapter(state, ALPHA, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["bert.encoder.layer.0.output.dense", SCORE_HEAD]
+    assert cfg["base_model_name_or_path"] == str(folder)  # no hub id: the folder
+    theirs, _ = _standard_scores(tmp_path / "a", folder, QS)
+    fin = torch.isfinite(ours)
+    assert (ours[fin] - theirs[fin]).abs().max() < 1e-4
+
+    save_file({k: v for k, v in weights.items() if not k.startswith("encoder.layer.1.attention.self.query.")},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"no pretrained weights for LoRA target.*layer.1.attention.self.query"):
+        Engine(ModelSpec(str(folder), max_length=32), rank=2, seed=3)
 
 
 # ---------------------------------------------------------------------------- causal LM path

@@ -18,7 +18,9 @@ the text-to-scores part is fedlora.scoring.OptionScorer):
   * encoder (default; the embedded all-MiniLM-L6-v2): a cross-encoder. Each
     "[CLS] question [SEP] option [SEP]" is encoded, mean-pooled, and scored by a linear
     head whose base weight is zero and frozen; the head learns through LoRA like every
-    other target module (`CrossEncoderScorer`). Chance accuracy at initialization.
+    other target module. It is transformers' AutoModelForTokenClassification (one label)
+    with the token logits averaged (`load_base_model`), so the saved adapter loads on that
+    standard class. Chance accuracy at initialization.
     (A bi-encoder, 20 * cos(question, option), starts at ~0.5 on ARC-Easy zero-shot but
     did not improve with LoRA training in our measurements; the cross-encoder rises
     from chance to ~0.45 within 50 steps.)
@@ -44,15 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scoring import ModelError, OptionScorer
+from .scoring import ModelError, OptionScorer, prefix_split_supported
 
 AdapterState = dict[str, tuple[Tensor, Tensor]]
 _BLOCKS = r"(?:layer|layers|h|block|blocks)"  # how transformer stacks name their block list
 _BLOCK_INDEX = re.compile(rf"\.{_BLOCKS}\.(\d+)\.")
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {EMBEDDED_MODEL.lower(), "minilm", "all-minilm-l6-v2", "embedded:minilm"}
-SCORE_HEAD = "score_head"  # encoder scorer: LoRA-only linear head on the pooled pair
+SCORE_HEAD = "classifier"  # AutoModelForTokenClassification's head; zero, it learns only through LoRA
 DEFAULT_TARGETS = {"encoder": ("query", "value"), "causal": ("q_proj", "v_proj")}
 _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra",
                   "deberta", "deberta-v2", "albert", "camembert", "modernbert"}
@@ -100,6 +103,16 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 # what a model needs from its hub repository (not other frameworks' weights)
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "*.py"]
+
+
+def portable_model_id(name_or_path: str, path: Path) -> str:
+    """What an exported adapter names as its base: a hub id where there is one (the embedded
+    model is sentence-transformers/all-MiniLM-L6-v2 on the hub), else the local folder."""
+    if str(name_or_path).strip().lower() in _EMBEDDED_ALIASES:
+        return EMBEDDED_HUB_ID
+    if _HUB_ID.match(str(name_or_path)) and not Path(name_or_path).expanduser().is_dir():
+        return str(name_or_path)
+    return str(path)
 
 
 @dataclass(frozen=True)
@@ -166,64 +179,42 @@ def _detect_kind(config) -> str:
     return "causal" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
 
 
-class CrossEncoderScorer(torch.nn.Module):
-    """Encoder + a linear score head over the mean-pooled (question, option) pair.
+def load_base_model(path: Path, kind: str, dtype=torch.float32) -> tuple[torch.nn.Module, list[str]]:
+    """The frozen model LoRA is injected into, a standard transformers class, and the modules
+    whose weights the checkpoint lacks (initialized here, so exported with the adapter).
 
-    The head's own weight is zero and frozen, like every base weight: it learns only
-    through its LoRA factors, so the whole trainable state is LoRA (sketchable, mergeable,
-    one AdapterState). At initialization every option scores 0: accuracy is at chance.
+    encoder: AutoModelForTokenClassification with one label. A pair's score is the mean over
+    its tokens of the `classifier` logit, which equals a linear head on the mean-pooled states:
+    the pooling this model (a mean-pooling sentence encoder) was trained with; the CLS pooler
+    of AutoModelForMultipleChoice learnt slower (docs/design.md, "The model and its scorer").
+    The head is set to zero and learns only through its LoRA factors, so the whole trainable
+    state is LoRA (sketchable, mergeable, one AdapterState) and every option scores 0 at the
+    start: accuracy at chance. causal: AutoModelForCausalLM.
     """
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.score_head = torch.nn.Linear(encoder.config.hidden_size, 1, bias=False)
-        torch.nn.init.zeros_(self.score_head.weight)
-        self.config = encoder.config
+    auto, kw = (AutoModelForCausalLM, {}) if kind == "causal" else (AutoModelForTokenClassification, {"num_labels": 1})
+    from transformers.utils import logging as hf_logging
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                         token_type_ids=token_type_ids).last_hidden_state
-        return self._pool_and_score(h, attention_mask)
-
-    # The same computation split at an encoder layer, so the frozen bottom can be cached
-    # (Engine: LoRA only in the top layers). Equal to forward() up to float rounding
-    # (tests/test_model.py::test_frozen_prefix_cache_matches_full_forward).
-    def hidden_before(self, layer: int, input_ids: Tensor, attention_mask: Tensor,
-                      token_type_ids: Tensor | None = None) -> Tensor:
-        """Hidden states entering encoder layer `layer` (embeddings + layers[:layer])."""
-        h = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        return self._run_layers(h, attention_mask, self.encoder.encoder.layer[:layer])
-
-    def forward_from(self, layer: int, hidden: Tensor, attention_mask: Tensor) -> Tensor:
-        """Scores from the hidden states entering encoder layer `layer`."""
-        h = self._run_layers(hidden, attention_mask, self.encoder.encoder.layer[layer:])
-        return self._pool_and_score(h, attention_mask)
-
-    def _run_layers(self, h: Tensor, attention_mask: Tensor, layers) -> Tensor:
-        from transformers.masking_utils import create_bidirectional_mask
-
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask)
-        for layer in layers:
-            h = layer(h, mask)
-        return h
-
-    def _pool_and_score(self, h: Tensor, attention_mask: Tensor) -> Tensor:
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-        return self.score_head(pooled).squeeze(-1)
-
-
-def load_base_model(path: Path, kind: str, dtype=torch.float32) -> torch.nn.Module:
-    """The frozen model LoRA is injected into; `PeftModel.from_pretrained(load_base_model(
-    path, kind), adapter_dir)` loads a fedlora adapter/ folder."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    if kind == "causal":
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        base = CrossEncoderScorer(AutoModel.from_pretrained(path, dtype=dtype))
-    return base.requires_grad_(False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report calls the head "newly initialized": handled below
+    try:
+        base, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **kw)
+    except ValueError as e:  # the architecture has no such class
+        raise ModelError(f"model {str(path)!r}: no {auto.__name__} for it ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    new = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
+    if kind != "causal":
+        head = getattr(base, SCORE_HEAD, None)
+        if not (isinstance(head, torch.nn.Linear) and head.out_features == 1):
+            raise ModelError(f"model {str(path)!r}: {type(base).__name__} has no linear `{SCORE_HEAD}` head")
+        with torch.no_grad():
+            head.weight.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
+        new = [m for m in new if m != SCORE_HEAD]
+    return base.requires_grad_(False), new
 
 
 class Engine:
@@ -265,7 +256,7 @@ class Engine:
             with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # don't move the caller's RNG
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
                 torch.manual_seed(self.seed)
-                base = load_base_model(self.path, self.kind, dtype=_DTYPES[spec.dtype])
+                base, self.initialized_modules = load_base_model(self.path, self.kind, dtype=_DTYPES[spec.dtype])
                 self.peft = get_peft_model(base, self._lora_config(self.rank), adapter_name=f"k{self.rank}")
         finally:
             if bars:
@@ -279,6 +270,8 @@ class Engine:
         if not self.layers:
             raise ModelError(f"lora target_modules {list(self.targets)} match no module of {self.path}")
         self.module_shapes = {n: (m.in_features, m.out_features) for n, m in self.layers.items()}
+        if clash := sorted(set(self.initialized_modules) & set(self.layers)):
+            raise ModelError(f"model {str(self.path)!r} has no pretrained weights for LoRA target(s) {clash}")
         if spec.lora_layers is not None:
             found = {int(m.group(1)) for n in self.layers if (m := _BLOCK_INDEX.search(n))}
             if missing := sorted(set(spec.lora_layers) - found):
@@ -299,15 +292,16 @@ class Engine:
     def frozen_prefix(self, blocks: int) -> None:
         self.scorer.frozen_prefix = int(blocks)
 
-    def _target_pattern(self) -> list[str] | str:
+    def _target_pattern(self, with_head: bool = True) -> list[str] | str:
         """PEFT target_modules: the names, or with lora_layers a regex limited to those blocks
         (PEFT's layers_to_transform would drop the score head, which sits in no block)."""
+        targets = [t for t in self.targets if with_head or t != SCORE_HEAD]
         if self.spec.lora_layers is None:
-            return list(self.targets)
-        names = "|".join(re.escape(t) for t in self.targets if t != SCORE_HEAD)
+            return targets
+        names = "|".join(re.escape(t) for t in targets if t != SCORE_HEAD)
         blocks = "|".join(str(i) for i in self.spec.lora_layers)
         pattern = rf".*\.{_BLOCKS}\.(?:{blocks})\.(?:.*\.)?(?:{names})"
-        return pattern + (f"|{SCORE_HEAD}" if SCORE_HEAD in self.targets else "")
+        return pattern + (f"|{SCORE_HEAD}" if SCORE_HEAD in targets else "")
 
     def _frozen_prefix_layers(self) -> int:
         """Encoder blocks below every LoRA module: their output never changes, so it is cached.
@@ -315,7 +309,7 @@ class Engine:
         0 when a LoRA module sits below the blocks (embeddings) or the model is causal.
         Merges (FLoRA) touch only LoRA modules, so they never invalidate the cache.
         """
-        if self.kind != "encoder" or not hasattr(self.net, "forward_from"):
+        if self.kind != "encoder" or not prefix_split_supported(self.net):
             return 0
         blocks = []
         for name in self.layers:
@@ -325,7 +319,7 @@ class Engine:
             if m is None:
                 return 0
             blocks.append(int(m.group(1)))
-        return min(blocks, default=len(self.net.encoder.encoder.layer))
+        return min(blocks, default=len(self.net.base_model.encoder.layer))
 
     # ------------------------------------------------------------------ adapter state
     def init_state(self, seed: int) -> AdapterState:
@@ -538,11 +532,14 @@ class Engine:
     # ------------------------------------------------------------------ export
     def save_peft_adapter(self, state: AdapterState, scaling_alpha: float, path: Path,
                           *, include_base_delta: bool = True) -> None:
-        """Write a PEFT adapter folder: r = state rank, lora_alpha = scaling_alpha.
+        """Write a PEFT adapter folder for the standard class: r = state rank, lora_alpha =
+        scaling_alpha, base_model_name_or_path a hub id where there is one.
 
-        `PeftModel.from_pretrained(fresh_base, path)` reproduces the engine's outputs with
-        scaling = scaling_alpha / r. Merged base deltas (FLoRA-style) are folded in exactly
-        as extra ranks of the modules concerned (SVD; rank_pattern/alpha_pattern keep
+        `PeftModel.from_pretrained(AutoModelForTokenClassification.from_pretrained(base,
+        num_labels=1), path)` (AutoModelForCausalLM for a causal LM), with no fedlora import,
+        reproduces the engine's scores (README, "Use the adapter"). The score head is saved whole (PEFT's modules_to_save: its LoRA merged in), as
+        are modules the checkpoint lacks. Merged base deltas (FLoRA-style) are folded in
+        exactly as extra ranks of the modules concerned (SVD; rank_pattern/alpha_pattern keep
         those modules' scaling equal).
         """
         from safetensors.torch import save_file
@@ -554,7 +551,14 @@ class Engine:
         tensors, rank_pattern, alpha_pattern = {}, {}, {}
         for name, (a, b) in sorted(state.items()):
             a, b = a.detach().float().cpu(), b.detach().float().cpu()
+            base = self.layers[name].get_base_layer()
+            w0 = self._w0.get(name, base.weight.detach().float().cpu())
             d = self._base_delta.get(name) if include_base_delta else None
+            if name == SCORE_HEAD:  # the head travels whole (modules_to_save): standard classes init it at random
+                tensors[f"base_model.model.{name}.weight"] = (w0 + (0.0 if d is None else d) + scale * b @ a).contiguous()
+                if base.bias is not None:
+                    tensors[f"base_model.model.{name}.bias"] = base.bias.detach().float().cpu().clone()
+                continue
             if d is not None and bool(d.abs().max() > 0):
                 u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
                 m = int((s > s[0] * 1e-10).sum())
@@ -564,9 +568,16 @@ class Engine:
                 alpha_pattern[re.escape(name)] = scale * (k + m)
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+        modules = dict(self.net.named_modules())
+        for name in self.initialized_modules:  # weights the checkpoint lacks: as initialized here
+            for key, t in modules[name].state_dict().items():
+                tensors[f"base_model.model.{name}.{key}"] = t.detach().float().cpu().clone().contiguous()
+        whole = sorted(({SCORE_HEAD} & set(state)) | set(self.initialized_modules))
         config = self._lora_config(k, float(scaling_alpha))
+        config.target_modules = self._target_pattern(with_head=False)
+        config.modules_to_save = whole or None
         config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
-        config.base_model_name_or_path = str(self.path)
+        config.base_model_name_or_path = portable_model_id(self.spec.name_or_path, self.path)
         config.inference_mode = True
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

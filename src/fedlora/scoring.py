@@ -5,8 +5,10 @@ labels [B]. Tokenization is cached per text; sequences are grouped by length (CP
 is proportional to padded tokens); with an encoder whose bottom blocks hold no LoRA module
 their output is computed once per (question, option) and cached (`frozen_prefix` blocks).
 
-  * encoder: a cross-encoder. "[CLS] question [SEP] option [SEP]" is encoded, mean-pooled
-    and scored by the model's head (model.CrossEncoderScorer).
+  * encoder: a cross-encoder on transformers' AutoModelForTokenClassification (one label):
+    "[CLS] question [SEP] option [SEP]" is encoded and its score is the mean over its tokens
+    of the `classifier` logit, which is a linear head on the mean-pooled states
+    (model.load_base_model says why this class).
   * causal LM: score of option j = mean log-likelihood of the continuation tokens.
     score="option": prompt "Question: {text}\\nAnswer:" + continuation " {option}".
     score="answer": the LLM-Adapters prompt listing all options + continuation
@@ -30,6 +32,45 @@ _LLM_ADAPTERS_PROMPT = (
 
 class ModelError(ValueError):
     """A model, adapter or question the engine cannot use (fedlora.model raises it too)."""
+
+
+# Token-classification classes whose forward is classifier(dropout(encoder(x))) over BERT-style
+# embeddings and blocks: their computation can be split at a block, so the frozen bottom is cached.
+_SPLITTABLE = {"bert", "roberta", "xlm-roberta", "camembert"}
+
+
+def prefix_split_supported(net: torch.nn.Module) -> bool:
+    return getattr(net.config, "model_type", "") in _SPLITTABLE
+
+
+def pair_scores(token_logits: Tensor, attention_mask: Tensor) -> Tensor:
+    """One score per sequence: the mean of its tokens' logits [G, L] over the attention mask."""
+    m = attention_mask.to(token_logits.dtype)
+    return (token_logits * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+# The forward split at encoder block `layer`; equal to the full forward up to float rounding
+# (tests/test_model.py::test_frozen_prefix_cache_matches_full_forward).
+def hidden_before(net: torch.nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor,
+                  token_type_ids: Tensor | None = None) -> Tensor:
+    """Hidden states entering encoder block `layer` (embeddings + blocks[:layer])."""
+    h = net.base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+    return _run_blocks(net, h, attention_mask, net.base_model.encoder.layer[:layer])
+
+
+def forward_from(net: torch.nn.Module, layer: int, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """One score per sequence from the hidden states entering encoder block `layer`."""
+    h = _run_blocks(net, hidden, attention_mask, net.base_model.encoder.layer[layer:])
+    return pair_scores(net.classifier(h)[..., 0], attention_mask)  # dropout: off in eval mode
+
+
+def _run_blocks(net: torch.nn.Module, h: Tensor, attention_mask: Tensor, blocks) -> Tensor:
+    from transformers.masking_utils import create_bidirectional_mask
+
+    mask = create_bidirectional_mask(config=net.config, inputs_embeds=h, attention_mask=attention_mask)
+    for block in blocks:
+        h = block(h, mask)
+    return h
 
 
 class OptionScorer:
@@ -106,8 +147,8 @@ class OptionScorer:
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def _encoder_option_scores(self, batch: Sequence[Any]) -> Tensor:
-        """Cross-encoder: head(mean-pooled encoder states of "[CLS] question [SEP] option [SEP]"),
-        flat over all (question, option) pairs."""
+        """Cross-encoder: the score of each "[CLS] question [SEP] option [SEP]" (pair_scores of
+        the token logits), flat over all (question, option) pairs."""
         self.seen_samples += len(batch)
         seqs, types = self._pair_ids(batch)
         self.seen_tokens += sum(len(x) for x in seqs)
@@ -119,10 +160,11 @@ class OptionScorer:
             ids, mask = self._pad([seqs[i] for i in group])
             if self.frozen_prefix:
                 hidden = torch.nn.utils.rnn.pad_sequence([self.prefix_cache[keys[i]] for i in group], batch_first=True)
-                parts.append(self.net.forward_from(self.frozen_prefix, hidden.to(self.device), mask).float())
+                parts.append(forward_from(self.net, self.frozen_prefix, hidden.to(self.device), mask).float())
             else:
                 tt, _ = self._pad([types[i] for i in group], pad_id=0)
-                parts.append(self.net(input_ids=ids, attention_mask=mask, token_type_ids=tt).float())
+                logits = self.net(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits[..., 0]
+                parts.append(pair_scores(logits, mask).float())
             index += group
         vals = torch.cat(parts)
         if index != sorted(index):
@@ -140,7 +182,7 @@ class OptionScorer:
             rows = [todo[g] for g in group]
             ids, mask = self._pad([seqs[i] for i in rows])
             tt, _ = self._pad([types[i] for i in rows], pad_id=0)
-            hidden = self.net.hidden_before(self.frozen_prefix, ids, mask, tt).cpu()
+            hidden = hidden_before(self.net, self.frozen_prefix, ids, mask, tt).cpu()
             for j, i in enumerate(rows):
                 self.prefix_cache[keys[i]] = hidden[j, :len(seqs[i])].clone()
 
