@@ -192,6 +192,38 @@ def test_report_writes_files_and_plots(tmp_path):
     assert (other / "accuracy_vs_time.png").stat().st_size > 0
 
 
+def test_clients_view_per_client_q_rank_and_participation(tmp_path):
+    """q and rank averaged over rounds with the plan in force each round, the share of rounds
+    taken part in, the upload alone on the band: hand-computed; the planned method's table
+    is the one in summary.md; clients.png is written."""
+    clients = [{"id": 0, "data_share": 0.75, "compute_time_s": 2.0, "upload_bits": 800.0, "bits_per_s_per_hz": 2.0},
+               {"id": 1, "data_share": 0.25, "compute_time_s": 8.0, "upload_bits": 800.0, "bits_per_s_per_hz": 0.5}]
+    rows = [row(0, 0, ev={A: 0.2, B: 0.2}), row(1, 10), row(2, 20), row(3, 30), row(4, 40, ev={A: 0.4, B: 0.4})]
+    for r, who in zip(rows[1:], ([0, 1], [0], [0], [1])):
+        r["participants"] = who
+    rows[1]["plan"] = {"participation_prob": [1.0, 0.5], "ranks": [8, 4]}
+    rows[3]["plan"] = {"participation_prob": [0.8, 0.1], "ranks": [8, 2]}  # in force in rounds 3 and 4
+    final = {"participation_prob": [0.8, 0.1], "ranks": [8, 2], "bandwidth_hz": 100.0}
+    for name, plan_rows in (("planned", rows), ("fixed", [{k: v for k, v in r.items() if k != "plan"} for r in rows])):
+        folder = write_run(tmp_path / "cmp" / name, plan_rows, method=name, target=0.3)
+        (folder / "clients.json").write_text(json.dumps(clients))
+        (folder / "plan.json").write_text(json.dumps(final if name == "planned" else
+                                                     {"participation_prob": [0.5, 0.5], "ranks": [4, 4],
+                                                      "bandwidth_hz": 100.0}))
+    summary = rp.report([tmp_path / "cmp"])
+    planned = {r["id"]: r for r in summary["clients"]["planned"]["rows"]}
+    assert planned[0]["participation_prob"] == pytest.approx((1.0 + 1.0 + 0.8 + 0.8) / 4)
+    assert planned[1]["participation_prob"] == pytest.approx((0.5 + 0.5 + 0.1 + 0.1) / 4)
+    assert planned[1]["rank"] == pytest.approx(3.0) and planned[0]["rank"] == 8.0
+    assert planned[0]["participation_rate"] == 0.75 and planned[1]["participation_rate"] == 0.5
+    assert planned[0]["upload_alone_s"] == pytest.approx(800 / (2.0 * 100)) and planned[1]["upload_alone_s"] == 16.0
+    fixed = {r["id"]: r for r in summary["clients"]["fixed"]["rows"]}
+    assert fixed[1]["participation_prob"] == 0.5 and fixed[1]["rank"] == 4.0  # plan.json throughout
+    md = (tmp_path / "cmp" / "summary.md").read_text()
+    assert "## Clients of planned (seed 0)" in md and "| 1 | 0.250 | 8.0 | 16.0 | 0.30 | 0.50 | 3.0 |" in md
+    assert (tmp_path / "cmp" / "clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_same_method_two_configs_gets_two_groups(tmp_path):
     write_run(tmp_path / "x", ROWS, lr=0.01)
     write_run(tmp_path / "y", ROWS, lr=0.02)

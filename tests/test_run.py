@@ -33,6 +33,27 @@ def without_cpu_time(rs):
     return [{k: v for k, v in r.items() if k != "cpu_time_s"} for r in rs]
 
 
+def test_final_evaluation_reuses_the_last_rounds_when_the_questions_are_the_same(tmp_path, monkeypatch):
+    """With final_max_examples = max_examples the final questions are the evaluation's (same
+    subsample): the last round already scored them on the final state, so finish() takes that
+    evaluation instead of scoring them again; with more final questions it scores them."""
+    from fedlora import loop
+
+    calls = []
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda s, state, qs: calls.append(len(qs)) or real(s, state, qs))
+    for final, extra in ((24, 0), (48, 1)):
+        cfg = load_config(SMOKE, [f"eval.final_max_examples={final}"])
+        calls.clear()
+        result = simulate.run(cfg, tmp_path / str(final), progress=False)
+        rs = rows(tmp_path / str(final))
+        assert len(calls) == len(rs) + extra  # round 0 and every round (eval.every 1), plus the final one
+        if extra == 0:
+            assert result["final_eval"] == rs[-1]["eval"] and result["final_eval_mean"] == rs[-1]["eval_mean"]
+        else:
+            assert calls[-1] == 2 * 48 and result["final_eval_examples"] == 96
+
+
 def test_run_folder_contract(setup, tmp_path):
     out = tmp_path / "run"
     result = simulate.run(setup.cfg, out, setup=setup, progress=False)

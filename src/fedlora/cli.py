@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -164,8 +165,10 @@ def compare(config: Path = typer.Argument(..., help="YAML run config shared by e
     quiet_libraries()
     out = out or Path("runs") / f"{config.stem}-compare"
     log = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    started = time.perf_counter()
     run_compare(cfg, out, names, seed_list, progress=not quiet, log=log, target=tgt, baseline=baseline)
     typer.echo((out / "summary.md").read_text())
+    typer.echo(f"{out}: summary.md, summary.json, plots; wall time {time.perf_counter() - started:.0f} s")
 
 
 @app.command()

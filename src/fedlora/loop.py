@@ -399,13 +399,16 @@ def limit_reached(cfg: RunConfig, prog: dict) -> bool:
 def finish(setup: Setup, method: Method, out: Path, state, prog: dict, extra: dict | None = None) -> dict:
     """Final evaluation, adapter/, the final plan.json and result.json (with `extra` fields)."""
     cfg = setup.cfg
-    acc, mean = evaluate(setup, state, setup.final_questions)
+    rows = read_rows(out)
+    if setup.final_questions == setup.eval_questions and isinstance(rows[-1].get("eval"), dict):
+        acc, mean = rows[-1]["eval"], rows[-1]["eval_mean"]  # the last round scored these questions on this state
+    else:
+        acc, mean = evaluate(setup, state, setup.final_questions)
     adapter_tmp = out / "adapter.tmp"
     shutil.rmtree(adapter_tmp, ignore_errors=True)
     setup.engine.save_peft_adapter(method.export_state(state), cfg.lora.alpha, adapter_tmp)
     shutil.rmtree(out / "adapter", ignore_errors=True)
     os.replace(adapter_tmp, out / "adapter")
-    rows = read_rows(out)
     plan = method.plan()
     if plan is not None:  # the plan the run ended with (online planning changes it between rounds)
         write_atomic(out / "plan.json", json.dumps(plan, indent=1))

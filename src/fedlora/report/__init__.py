@@ -29,6 +29,7 @@ from typing import Sequence
 
 from ..config import MEAN, InputError
 from ..rundir import time_to_target, write_atomic
+from .clients import client_rows, write_clients_plot
 from .markdown import render_markdown
 from .plots import PLOTS, step_band, write_plots
 from .runs import ALL, Run, Target, find_runs, load_run, parse_target
@@ -36,6 +37,20 @@ from .summary import group_runs, summarize
 
 # ------------------------------------------------------------------ entry point
 
+
+
+def client_views(runs: Sequence[Run]) -> dict[str, dict]:
+    """Per method, the per-client view (report.clients) of its lowest-seed run that has one;
+    `planned`: the run re-planned as it went (its rows carry plans)."""
+    views = {}
+    for label, members in group_runs(runs).items():
+        for run in sorted(members, key=lambda r: (r.seed is None, r.seed or 0)):
+            rows = client_rows(run)
+            if rows is not None:
+                planned = any(isinstance(r.get("plan"), dict) for r in run.rows)
+                views[label] = {"seed": run.seed, "rows": rows, "planned": planned}
+                break
+    return views
 
 
 def _jsonable(x):
@@ -65,12 +80,15 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, target: T
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs, target=target, baseline=baseline, relative_to=out_dir, focus=focus)
     summary["failed"] = list(failed)
+    summary["clients"] = client_views(runs)
     markdown = render_markdown(summary)
     write_atomic(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=1))
     write_atomic(out_dir / "summary.md", markdown)
     files = [out_dir / "summary.json", out_dir / "summary.md"]
     if plots:
         files += write_plots(runs, summary, out_dir)
+        clients_plot = write_clients_plot({m: v["rows"] for m, v in summary["clients"].items()}, out_dir)
+        files += [clients_plot] if clients_plot else []
     return {**summary, "markdown": markdown, "files": [str(f) for f in files]}
 
 

@@ -6,6 +6,7 @@ import math
 
 from ..config import MEAN
 from .runs import ALL, Target
+from .clients import clients_markdown
 
 # ------------------------------------------------------------------ markdown
 
@@ -129,9 +130,16 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
         for label, per_key in summary["focus"]["speedup_over"].items():
             rows3.append([label] + [_fmt_pair_speedup(per_key[k]) for k in keys])
         out += _table(["vs"] + [key_name(k) for k in keys], [":--"] + ["--:"] * len(keys), rows3)
+    views = summary.get("clients") or {}
+    shown = (summary.get("focus") or {}).get("method") or \
+        next((m for m, v in views.items() if v["planned"]), next(iter(views), None))  # the planned method's table
+    if shown in views:
+        out += [""] + clients_markdown(shown, views[shown]["seed"], views[shown]["rows"])
     if summary.get("failed"):
         out += ["", "## Runs that failed (not in the tables)", ""] + [f"- {line}" for line in summary["failed"]]
     out += ["", "Plots: accuracy_vs_time.png (accuracy per task and mean vs simulated time on each run's own "
                 "clock: planning before round 1 is not drawn, the tables above count it), "
-                "bytes_vs_accuracy.png (mean accuracy vs cumulative upload bytes).", ""]
+                "bytes_vs_accuracy.png (mean accuracy vs cumulative upload bytes)" +
+            (", clients.png (each method's clients by compute and upload time: who took part, data share, "
+             "rank)." if views else "."), ""]
     return "\n".join(out)
