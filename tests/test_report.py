@@ -375,7 +375,18 @@ def test_compare_two_methods_then_skip(tmp_path):
         assert (folders[0] / "clients.json").read_text() == (folders[1] / "clients.json").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"][methods[0]]["n"] == (2 if seeds else 1)
-    assert (out / "accuracy_vs_time.png").stat().st_size > 0
+    assert (out / "accuracy_vs_time.png").stat().st_size > 0 and (out / "clients.png").stat().st_size > 0
+    # `tensorboard --logdir OUT` sees every method: each run folder's events hold its accuracy
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer().AddRunsFromDirectory(str(out))
+    mux.Reload()
+    assert {str(Path(f.relative_to(out)) / "tensorboard") for f in folders} <= set(mux.Runs())
+    for f in folders:
+        evals = [json.loads(ln)["eval_mean"] for ln in (f / "metrics.jsonl").read_text().splitlines()
+                 if "eval_mean" in json.loads(ln)]
+        got = [e.value for e in mux.Scalars(str(Path(f.relative_to(out)) / "tensorboard"), "accuracy/mean")]
+        assert got == pytest.approx(evals)
 
     result = runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), *args, *overrides])
     assert result.exit_code == 0, result.output
