@@ -192,10 +192,9 @@ def load_base_model(path: Path, kind: str, dtype=torch.float32) -> tuple[torch.n
     start: accuracy at chance. causal: AutoModelForCausalLM.
     """
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-    auto, kw = (AutoModelForCausalLM, {}) if kind == "causal" else (AutoModelForTokenClassification, {"num_labels": 1})
     from transformers.utils import logging as hf_logging
 
+    auto, kw = (AutoModelForCausalLM, {}) if kind == "causal" else (AutoModelForTokenClassification, {"num_labels": 1})
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report calls the head "newly initialized": handled below
     try:
