@@ -222,6 +222,9 @@ def test_clients_view_per_client_q_rank_and_participation(tmp_path):
     md = (tmp_path / "cmp" / "summary.md").read_text()
     assert "## Clients of planned (seed 0)" in md and "| 1 | 0.250 | 8.0 | 16.0 | 0.30 | 0.50 | 3.0 |" in md
     assert (tmp_path / "cmp" / "clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "cmp" / "fixed" / "clients.json").write_text("[{")  # damaged: named, not skipped
+    with pytest.raises(InputError, match=r"fixed/clients.json: not valid JSON"):
+        rp.report([tmp_path / "cmp"])
 
 
 def test_same_method_two_configs_gets_two_groups(tmp_path):

@@ -11,20 +11,12 @@ and falls with compute and upload time.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
-from .runs import Run
+from .runs import Run, read_json_file
 
 CLIENTS_PLOT = "clients.png"
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
 
 
 def _plans_per_round(run: Run, final: dict) -> list[dict]:
@@ -41,9 +33,10 @@ def _plans_per_round(run: Run, final: dict) -> list[dict]:
 
 def client_rows(run: Run) -> list[dict] | None:
     """One row per client (see the module docstring); None when the run folder lacks
-    clients.json or plan.json (an old or foreign run)."""
-    clients = _read_json(run.path / "clients.json")
-    final = _read_json(run.path / "plan.json")
+    clients.json or a plan.json with q (an old or foreign run); InputError when one cannot
+    be read."""
+    clients = read_json_file(run.path / "clients.json")
+    final = read_json_file(run.path / "plan.json")
     if not isinstance(clients, list) or not isinstance(final, dict) or "participation_prob" not in final:
         return None
     band_hz = float(final.get("bandwidth_hz") or (run.config.get("system") or {}).get("bandwidth_hz") or 0.0)

@@ -136,6 +136,17 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def read_json_file(path: Path):
+    """A run folder's JSON file (result.json, clients.json, plan.json): None when absent (an
+    unfinished or older run); InputError naming the file when it cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
+
+
 def load_run(path: str | Path) -> Run:
     """Read one run folder. Raises InputError naming the file (and line) that cannot be read."""
     path = Path(path)
@@ -152,15 +163,10 @@ def load_run(path: str | Path) -> Run:
     if not metrics.is_file():
         raise InputError(f"{metrics}: not found (not a run folder)")
     rows = read_metrics(metrics)
-    result = None
     res_path = path / "result.json"
-    if res_path.exists():
-        try:
-            result = json.loads(res_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{res_path}: not valid JSON ({e.__class__.__name__})") from None
-        if not isinstance(result, dict):
-            raise InputError(f"{res_path}: expected a JSON object")
+    result = read_json_file(res_path)
+    if result is not None and not isinstance(result, dict):
+        raise InputError(f"{res_path}: expected a JSON object")
     if not isinstance(config.get("train") or {}, dict):
         raise InputError(f"{cfg_path}: field 'train' must be a mapping")
     _check_target((config.get("train") or {}).get("target_accuracy"), f"{cfg_path}: train.target_accuracy")
