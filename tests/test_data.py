@@ -222,13 +222,14 @@ def _check_cover(parts, n):
 
 
 @pytest.mark.parametrize("alpha", [None, 0.1, 1.0])
-def test_partition_disjoint_complete_deterministic(task_ids, alpha):
-    parts = partition(task_ids, 10, alpha=alpha, seed=3)
+@pytest.mark.parametrize("draw", ["per_task", "per_client"])
+def test_partition_disjoint_complete_deterministic(task_ids, alpha, draw):
+    parts = partition(task_ids, 10, alpha=alpha, seed=3, draw=draw)
     assert len(parts) == 10
     _check_cover(parts, task_ids.size)
-    again = partition(task_ids, 10, alpha=alpha, seed=3)
+    again = partition(task_ids, 10, alpha=alpha, seed=3, draw=draw)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    other = partition(task_ids, 10, alpha=alpha, seed=4)
+    other = partition(task_ids, 10, alpha=alpha, seed=4, draw=draw)
     assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
 
 
@@ -246,6 +247,34 @@ def test_partition_dirichlet_is_skewed_and_unequal(task_ids):
     assert np.mean(skew) > 0.8
     sizes = [p.size for p in partition(task_ids, 10, alpha=0.1, seed=0)]
     assert max(sizes) > 3 * min(sizes)
+
+
+def test_partition_per_client_draw(task_ids):
+    """Each client's task mixture ~ Dir(alpha): 50 clients at alpha 0.1 all get data (the
+    per-task draw cannot), each mostly one task; a huge alpha gives every client the global
+    mix and equal sizes; by symmetry a client gets 1/N of every task on average."""
+    def dominant(parts):
+        return np.mean([np.bincount(task_ids[p], minlength=4).max() / p.size for p in parts])
+
+    with pytest.raises(DataError, match="per_client"):
+        partition(task_ids, 50, alpha=0.1, seed=0, min_samples=8)
+    parts = partition(task_ids, 50, alpha=0.1, seed=0, min_samples=8, draw="per_client")
+    _check_cover(parts, task_ids.size)
+    assert min(p.size for p in parts) >= 8 and dominant(parts) > 0.7
+
+    flat = partition(task_ids, 10, alpha=1e4, seed=0, draw="per_client")
+    global_mix = np.bincount(task_ids) / task_ids.size
+    for p in flat:
+        assert np.allclose(np.bincount(task_ids[p], minlength=4) / p.size, global_mix, atol=0.03)
+    sizes = np.array([p.size for p in flat])
+    assert sizes.max() <= 1.1 * sizes.min()
+
+    n_tasks = np.bincount(task_ids)
+    share0 = np.mean([np.bincount(task_ids[partition(task_ids, 10, alpha=0.5, seed=s, draw="per_client")[0]],
+                                  minlength=4) / n_tasks for s in range(400)], axis=0)
+    assert np.allclose(share0, 0.1, atol=0.02)  # E[pi_0t / sum_c pi_ct] = 1/N
+    with pytest.raises(DataError, match="dirichlet_draw"):
+        partition(task_ids, 10, alpha=0.1, seed=0, draw="per_question")
 
 
 def test_partition_min_samples_and_errors(task_ids):

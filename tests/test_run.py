@@ -286,3 +286,15 @@ def test_eval_schedule_by_rounds_and_by_simulated_time():
     assert due == [3, 5, 8]
     cfg = load_config(None, ["train.rounds=100", "eval.every_s=60", "train.max_sim_time_s=70"])
     assert eval_due(cfg, 3, 50.0, 75.0) and eval_due(cfg, 4, 75.0, 100.0)  # the stopping round is evaluated
+
+
+def test_dirichlet_draw_reaches_the_partition():
+    """data.dirichlet_draw is what build_setup partitions with: 50 clients on the smoke data
+    fail the per-task draw (InputError naming the way out) and get data with per_client."""
+    cfg = load_config(SMOKE, ["data.num_clients=50", "data.max_train_per_task=null"])
+    with pytest.raises(InputError, match="dirichlet_draw=per_client"):
+        setup_mod.build_setup(cfg)
+    s = setup_mod.build_setup(load_config(SMOKE, ["data.num_clients=50", "data.max_train_per_task=null",
+                                                  "data.dirichlet_draw=per_client"]))
+    sizes = [sum(c.values()) for c in s.data_report["clients"]]
+    assert len(sizes) == 50 and min(sizes) >= s.cfg.data.min_client_samples

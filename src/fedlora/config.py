@@ -37,6 +37,9 @@ class DataConfig(_Strict):
     tasks: list[str] | None = None  # None: every task folder in dir
     num_clients: int = Field(10, ge=1)
     dirichlet_alpha: float | None = Field(0.1, gt=0)  # None: iid split
+    # per_task: each task's shares over the clients ~ Dir(alpha); per_client: each client's
+    # task mixture ~ Dir(alpha) (data.partition; 50 clients need per_client)
+    dirichlet_draw: Literal["per_task", "per_client"] = "per_task"
     min_client_samples: int = Field(8, ge=1)
     max_train_per_task: int | None = Field(None, ge=1)  # subsample train data (CPU-sized runs)
     carve_fraction: float = Field(0.5, gt=0, lt=1)  # train share carved from test-only tasks

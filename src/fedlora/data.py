@@ -221,15 +221,28 @@ def load_tasks(data_dir: Path | None, names: Sequence[str] | None, *,
     return {n: load_task(root / n, carve_fraction=carve_fraction) for n in names}
 
 
+DIRICHLET_DRAWS = ("per_task", "per_client")
+
+
 def partition(task_of_example: np.ndarray, num_clients: int, *, alpha: float | None, seed: int,
-              min_samples: int = 1) -> list[np.ndarray]:
+              min_samples: int = 1, draw: str = "per_task") -> list[np.ndarray]:
     """Split example indices over clients: iid (alpha None) or Dirichlet over tasks.
 
-    Dirichlet is the per-class split common in FL papers (FSLoRA uses alpha=0.1 over
-    tasks): for each task draw proportions ~ Dir(alpha * 1) over clients and cut that
-    task's shuffled examples accordingly, which makes clients both non-iid and unequal
-    in size. Draws are repeated on the same rng stream until every client holds at
-    least ``min_samples`` examples, so one seed fixes the whole result.
+    Two Dirichlet draws are common in FL papers; both give every example to one client:
+
+    * ``per_task`` (FSLoRA's "Dirichlet 0.1 over tasks"): for each task draw its shares over
+      the clients ~ Dir(alpha * 1_N) and cut that task's shuffled examples accordingly,
+      which makes clients both non-iid and unequal in size. With many clients and few tasks
+      most clients get almost nothing (50 clients, 4 tasks, alpha 0.1: no draw in 1,000
+      leaves every client 8 examples).
+    * ``per_client`` (Hsu et al. 2019, "Measuring the Effects of Non-Identical Data
+      Distribution"): each client draws its task mixture pi_c ~ Dir(alpha * 1_K); each task's
+      shuffled examples are then cut over the clients in proportion to pi_{c,t}. Small alpha:
+      each client is mostly one task, and the clients on a task share it, so sizes follow
+      how many clients a task has.
+
+    Draws are repeated on the same rng stream until every client holds at least
+    ``min_samples`` examples, so one seed fixes the whole result.
     """
     labels = np.asarray(task_of_example).ravel()
     n = labels.size
@@ -237,6 +250,8 @@ def partition(task_of_example: np.ndarray, num_clients: int, *, alpha: float | N
         raise DataError(f"data.num_clients: value {num_clients!r} must be at least 1")
     if min_samples < 0:
         raise DataError(f"min_samples: value {min_samples!r} must be >= 0")
+    if draw not in DIRICHLET_DRAWS:
+        raise DataError(f"data.dirichlet_draw: value {draw!r} must be one of {', '.join(DIRICHLET_DRAWS)}")
     if num_clients * min_samples > n:
         raise DataError(f"data.num_clients: value {num_clients} clients x {min_samples} samples "
                         f"exceeds the {n} training examples")
@@ -248,10 +263,15 @@ def partition(task_of_example: np.ndarray, num_clients: int, *, alpha: float | N
 
     tasks = np.unique(labels)
     for _ in range(1000):
+        if draw == "per_client":
+            mixture = rng.dirichlet(np.full(tasks.size, float(alpha)), size=num_clients)  # [N, K]
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        for t in tasks:
+        for k, t in enumerate(tasks):
             idx = rng.permutation(np.flatnonzero(labels == t))
-            p = rng.dirichlet(np.full(num_clients, float(alpha)))
+            if draw == "per_client":
+                p = mixture[:, k] / mixture[:, k].sum()
+            else:
+                p = rng.dirichlet(np.full(num_clients, float(alpha)))
             cuts = (np.cumsum(p)[:-1] * idx.size).astype(int)
             for c, chunk in enumerate(np.split(idx, cuts)):
                 parts[c].append(chunk)
@@ -259,8 +279,8 @@ def partition(task_of_example: np.ndarray, num_clients: int, *, alpha: float | N
         if min(c.size for c in clients) >= min_samples:
             return clients
     raise DataError(f"data.dirichlet_alpha: value {alpha} left some client with fewer than {min_samples} "
-                    f"examples in 1000 draws ({num_clients} clients, {tasks.size} tasks); "
-                    "use a larger alpha or fewer clients")
+                    f"examples in 1000 draws ({num_clients} clients, {tasks.size} tasks, {draw} draw); "
+                    "use a larger alpha, fewer clients or data.dirichlet_draw=per_client")
 
 
 def subsample(n: int, k: int | None, *, seed: int) -> np.ndarray:

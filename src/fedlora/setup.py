@@ -160,7 +160,8 @@ def build_setup(cfg: RunConfig) -> Setup:
                                  "train_carved_from_test": task.train_carved_from_test}
     try:
         clients = partition(np.array(task_of), cfg.data.num_clients, alpha=cfg.data.dirichlet_alpha,
-                            seed=derived_seed(cfg.seed, STREAM_DATA), min_samples=cfg.data.min_client_samples)
+                            seed=derived_seed(cfg.seed, STREAM_DATA), min_samples=cfg.data.min_client_samples,
+                            draw=cfg.data.dirichlet_draw)
     except DataError as e:
         raise InputError(f"data: {e}") from None
     names = list(tasks)
