@@ -1,5 +1,7 @@
 """Config validation: every bad value gives one line naming file, field and value."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -69,3 +71,25 @@ def test_bad_files(tmp_path):
         load_config(lst)
     with pytest.raises(InputError, match="expected KEY=VALUE"):
         load_config(write(tmp_path, {}), ["train.rounds"])
+
+
+def test_a_field_added_later_is_left_out_at_its_old_behaviour():
+    """config.ADDED_LATER: data.dirichlet_draw at per_task (what every earlier config did) is
+    not dumped, so a setting's key and an older run folder's config.yaml stay the same; any
+    other value is dumped and round-trips."""
+    from fedlora.rundir import same_training
+    from fedlora.study import setting_key
+
+    old = load_config(None)
+    assert "dirichlet_draw" not in dump_config(old)
+    saved_before = yaml.safe_load(dump_config(old))  # what a folder written before the field holds
+    assert "dirichlet_draw" not in saved_before["data"]
+    assert same_training(yaml.safe_dump(saved_before, sort_keys=False), dump_config(old))
+    new = load_config(None, ["data.dirichlet_draw=per_client"])
+    assert "dirichlet_draw: per_client" in dump_config(new)
+    assert validate(yaml.safe_load(dump_config(new))).data.dirichlet_draw == "per_client"
+    assert not same_training(dump_config(old), dump_config(new))
+    assert setting_key(old) != setting_key(new)
+    # the stored studies (results/experiments/settings/<key>) are still keyed by their config
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "results/experiments/settings" / setting_key(load_config(root / "experiments/base.yaml"))).is_dir()

@@ -396,8 +396,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+# Fields added after run folders and settings were first written, with the value that
+# reproduces the behaviour from before: at that value they are left out of the dumps, so a
+# setting keeps its key and an older run folder still matches its config.
+ADDED_LATER: dict[tuple[str, str], Any] = {("data", "dirichlet_draw"): "per_task"}
+
+
+def _config_dict(cfg: RunConfig) -> dict:
+    raw = cfg.model_dump(mode="json")
+    for (section, name), old_behaviour in ADDED_LATER.items():
+        if raw[section][name] == old_behaviour:
+            del raw[section][name]
+    return raw
+
+
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(_config_dict(cfg), sort_keys=False)
 
 
 # Sections that change what a run records, not what it trains (settings, pilots and run
@@ -407,5 +421,5 @@ RECORDING_ONLY = ("track",)
 
 def training_dump(cfg: RunConfig) -> str:
     """dump_config without the RECORDING_ONLY sections: the text that keys a setting."""
-    raw = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RECORDING_ONLY}
+    raw = {k: v for k, v in _config_dict(cfg).items() if k not in RECORDING_ONLY}
     return yaml.safe_dump(raw, sort_keys=False)
