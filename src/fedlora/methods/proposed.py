@@ -13,7 +13,8 @@ Where R comes from (`planner.constants`, docs/theory.md sections 5 and 8):
     estimates of each client's update energy and of the mean update's energy, both from the
     updates it receives, give R = 1 + nu(q, s), nu the noise-to-signal ratio of a round's
     update. The method re-plans every `replan_every` rounds, or sooner when the current
-    plan's predicted R moved by `replan_tolerance` (e.g. right after the first round). q and
+    plan's predicted R moved by `replan_tolerance` (not when that plan has q near 1: its R
+    stays near 1 whatever is measured; docs/theory.md section 8.5). q and
     s change only between rounds, so every round's p_i / q_i weights are those its sampling
     used; q never falls below `min_participation`. Online planning uses the relaxed
     Appendix C (docs/theory.md section 4) for every planned method: a refusal in the middle
