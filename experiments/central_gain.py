@@ -68,12 +68,11 @@ def main() -> None:
     plateau = [r for r in log if r["step"] >= args.plateau_from] or log[-1:]
     gains = {}
     for name, task in tasks.items():
+        start, n = log[0][name], len(task.test)
         ref = sum(r[name] for r in plateau) / len(plateau)
-        se = math.sqrt(ref * (1 - ref) / len(task.test))
-        gains[name] = {"start": log[0][name], "plateau": ref, "gain": ref - log[0][name],
-                       "gain_in_se": (ref - log[0][name]) / se, "test_questions": len(task.test)}
-        print(f"{name:<14} {log[0][name]:.3f} -> {ref:.3f}  gain {ref - log[0][name]:+.3f} "
-              f"({(ref - log[0][name]) / se:.1f} SE of {len(task.test)} questions)")
+        gain, se = ref - start, math.sqrt(ref * (1 - ref) / n)
+        gains[name] = {"start": start, "plateau": ref, "gain": gain, "gain_in_se": gain / se, "test_questions": n}
+        print(f"{name:<14} {start:.3f} -> {ref:.3f}  gain {gain:+.3f} ({gain / se:.1f} SE of {n} questions)")
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "log": log, "gains": gains}, f, indent=1)
 
