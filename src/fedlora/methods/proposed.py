@@ -12,9 +12,9 @@ Where R comes from (`planner.constants`, docs/theory.md sections 5 and 8):
     update as orthogonal to the others' (fedlora.online's prior). From then on the server's
     estimates of each client's update energy and of the mean update's energy, both from the
     updates it receives, give R = 1 + nu(q, s), nu the noise-to-signal ratio of a round's
-    update. The method re-plans every `replan_every` rounds, or sooner when the current
-    plan's predicted R moved by `replan_tolerance` (not when that plan has q near 1: its R
-    stays near 1 whatever is measured; docs/theory.md section 8.5). q and
+    update. The method re-plans at round 2 when round 1 ran on the prior's plan, then every
+    `replan_every` rounds, or sooner when the current plan's predicted R moved by
+    `replan_tolerance` (docs/theory.md section 8.5). q and
     s change only between rounds, so every round's p_i / q_i weights are those its sampling
     used; q never falls below `min_participation`. Online planning uses the relaxed
     Appendix C (docs/theory.md section 4) for every planned method: a refusal in the middle
@@ -121,6 +121,10 @@ class Proposed(IndependentSketch):
         if t <= oc.warmup_rounds:
             return False
         if self.planned is None or t - self.last_plan_round >= oc.replan_every:
+            return True
+        if oc.warmup_rounds == 0 and self.last_plan_round == 1 < t:
+            # the plan in force was made on the prior, before any update was seen: replace it as
+            # soon as one round was measured (its own predicted R cannot flag it when q is near 1)
             return True
         now = self.estimator.rounds_model().value(self.participation_prob, self.sketch_ratio, self.ctx.data_share)
         return abs(now / self.planned.rounds_factor - 1.0) > oc.replan_tolerance
