@@ -15,7 +15,8 @@ import json
 import numpy as np
 import pytest
 
-from fedlora.online import OnlineEstimator, RoundObservation, energy_exponent_for
+from fedlora.online import (STEP_RATIO_PRIOR, STEP_RATIO_PRIOR_PAIRS, STEP_RATIO_RANGE, OnlineEstimator,
+                            RoundObservation, energy_exponent_for)
 from fedlora.planner import PlanProblem, plan
 from fedlora.system import ComputeModel
 
@@ -110,23 +111,63 @@ def test_state_round_trips_through_json_exactly():
     np.testing.assert_array_equal(a.relative_energy(), b.relative_energy())
 
 
-def test_rounds_model_is_one_plus_noise_to_signal_and_plans():
+def test_rounds_model_is_the_fixed_step_form_and_plans():
     p, delta, q, k = synthetic(2)
     est = OnlineEstimator(p, R, energy_exponent=-1.0, sketch_exponent=1.4)
     # before any update: every client's update taken as orthogonal to the others' (omega = 1 / sum p^2)
     np.testing.assert_allclose(est.relative_energy(), 1.0 / np.sum(p ** 2))
-    assert est.rounds_model().alpha == pytest.approx(0.0, abs=1e-12)
+    assert est.step_ratio() == STEP_RATIO_PRIOR
     for obs, _ in rounds(p, delta, q, k, sgd=True, count=30):
         est.observe(obs)
+    est.observe_step(0.4, 0.3)
+    prior_pairs = STEP_RATIO_PRIOR_PAIRS
+    rho = (prior_pairs * STEP_RATIO_PRIOR + (1 - 0.4 * 1.3) / (2 * 1.3)) / (prior_pairs + 1)
+    assert est.step_ratio() == pytest.approx(rho)
     model = est.rounds_model()
-    assert model.gamma == 0 and model.numerator_sketch_exponent == 1.4
+    assert model.delta == 0 and model.denominator_sketch_exponent == 1.4
     s = k / R
-    assert model.value(q, s, p) == pytest.approx(1.0 + est.noise_to_signal(q, s), rel=1e-12)
+    nu = est.noise_to_signal(q, s)
+    assert model.value(q, s, p) == pytest.approx((1 - rho) / (1 - rho * (1 + nu)), rel=1e-12)
     assert model.value(np.ones(N), np.ones(N), p) == pytest.approx(1.0)
     pr = PlanProblem(p, [3.0, 9.0, 4.0, 20.0, 5.0], [1.0, 2.0, 8.0, 1.0, 0.5], 1.0, R, ComputeModel("linear"),
-                     model, min_participation=0.05)
+                     model, min_participation=0.05, pin_large_clients=True)
     pl = plan(pr)
     assert np.all(pl.participation_prob >= 0.05) and np.all(pl.participation_prob <= 1)
+    assert np.isfinite(model.value(pl.participation_prob, pl.sketch_ratio, p))
+
+
+@pytest.mark.parametrize("rho,nu", [(0.1, 0.5), (0.3, 2.0), (0.05, 0.0), (0.4, 0.2)])
+def test_step_ratio_is_recovered_from_consecutive_updates(rho, nu):
+    """Fixed-step descent on a quadratic f(x) = lam ||x||^2 / 2 with noisy rounds: the mean update is
+    D(x) = -eta grad f(x), the applied one A = D + xi with E||xi||^2 = nu ||D||^2, so rho = eta lam / 2.
+    The running mean of the per-pair estimates over 300 rounds recovers it (Monte Carlo)."""
+    rng = np.random.default_rng(7)
+    dim, eta_lam = 3000, 2 * rho
+    est = OnlineEstimator(np.full(3, 1 / 3), 4, energy_exponent=1.0, smoothing=None)
+    x, last = rng.normal(size=dim), None
+    for _ in range(300):
+        d = -eta_lam * x
+        a = d + rng.normal(scale=np.sqrt(nu / dim) * np.linalg.norm(d), size=dim)
+        if last is not None:
+            est.observe_step(float(last @ a / (last @ last)), nu)
+        x, last = x + a, a
+        scale = 1 / np.linalg.norm(x)  # f is quadratic: rescaling x and the last update together changes no ratio
+        x, last = x * scale, last * scale
+    assert est.step_pairs == 299
+    assert est.step == pytest.approx(rho, abs=0.01)  # the prior's weight is gone after 299 pairs
+
+
+def test_step_ratio_stays_in_range_and_survives_a_checkpoint():
+    est = OnlineEstimator(np.full(2, 0.5), 4, energy_exponent=1.0, smoothing=None)
+    for _ in range(50):
+        est.observe_step(1.5, 0.0)  # updates growing along themselves: outside the model, rho_t < 0
+    low = STEP_RATIO_RANGE[0]  # each pair clipped, then averaged with the prior
+    assert est.step_ratio() == pytest.approx((STEP_RATIO_PRIOR_PAIRS * STEP_RATIO_PRIOR + 50 * low)
+                                             / (STEP_RATIO_PRIOR_PAIRS + 50))
+    est.observe_step(-0.99, 0.0)
+    copy = OnlineEstimator(np.full(2, 0.5), 4, energy_exponent=1.0)
+    copy.load_state_dict(json.loads(json.dumps(est.state_dict())))
+    assert copy.step == est.step and copy.step_pairs == 51
 
 
 def test_unseen_clients_take_the_mean_and_an_empty_round_counts():

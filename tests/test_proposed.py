@@ -14,6 +14,7 @@ from conftest import metric_rows
 from fedlora import loop, pilot, simulate
 from fedlora import setup as setup_mod
 from fedlora.config import InputError, load_config
+from fedlora.online import STEP_RATIO_PRIOR
 from fedlora.methods.proposed import plan_problem
 from fedlora.methods import get_method
 from fedlora.planner import BoundConstants, plan, plan_participation, plan_ranks
@@ -123,25 +124,27 @@ def test_pilots_without_a_target_are_bad_input(tmp_path):
 def online_setup():
     """proposed on the smoke config with no planner keys (online planning), re-planning on schedule
     only (every 2 rounds; the tolerance trigger switched off)."""
-    return setup_mod.build_setup(load_config(SMOKE, ["method=proposed", "train.rounds=4", "lora.layers=[5]",
+    return setup_mod.build_setup(load_config(SMOKE, ["method=proposed", "train.rounds=5", "lora.layers=[5]",
                                                    "planner.online.replan_every=2",
                                                    "planner.online.replan_tolerance=1e9"]))
 
 
 def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tmp_path, killed_then_resumed):
-    """No planner keys: the run plans round 1 on the prior, replaces that plan in round 2 with one
-    from round 1's measurement, then re-plans every 2 rounds; it charges each plan on the clock,
-    and a run killed in round 3 (between plans) resumes to the same numbers."""
+    """No planner keys: the run plans round 1 on the priors, replaces that plan in round 2 (update
+    energies measured) and in round 3 (the first pair of applied updates measured the step), then
+    re-plans every 2 rounds; it charges each plan on the clock, and a run killed in round 4
+    (between plans, with the last update kept for the next pair) resumes to the same numbers."""
     cfg = online_setup.cfg
     full = tmp_path / "full"
     result = simulate.run(cfg, full, setup=online_setup, progress=False)
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     plans = [r["plan"] for r in rows[1:] if "plan" in r]
-    assert [p["round"] for p in plans] == [1, 2, 4]
+    assert [p["round"] for p in plans] == [1, 2, 3, 5]
     # round 1 is planned on the prior (orthogonal updates: omega = 1 / sum p^2), later rounds on measurements
     share = np.asarray(online_setup.data_share)
     np.testing.assert_allclose(plans[0]["relative_energy"], 1 / np.sum(share ** 2))
     assert not np.allclose(plans[1]["relative_energy"], plans[0]["relative_energy"])
+    assert plans[0]["step_ratio"] == plans[1]["step_ratio"] == STEP_RATIO_PRIOR != plans[2]["step_ratio"]
     floor = cfg.planner.online.min_participation
     for r in rows[1:]:
         planned = "plan" in r
@@ -150,14 +153,14 @@ def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tm
         if planned:
             q = np.array(r["plan"]["participation_prob"])
             assert np.all(q >= floor * (1 - 1e-12)) and np.all(q <= 1)
-    assert result["planning_time_s"] == pytest.approx(3 * cfg.planner.plan_time_s)
+    assert result["planning_time_s"] == pytest.approx(4 * cfg.planner.plan_time_s)
     assert result["pre_run_planning_s"] == 0.0
     written = json.loads((full / "plan.json").read_text())
     assert written["constants"] == "online" and written["participation_prob"] == plans[-1]["participation_prob"]
-    assert [h["round"] for h in written["online"]["plans"]] == [1, 2, 4]
+    assert [h["round"] for h in written["online"]["plans"]] == [1, 2, 3, 5]
 
     killed = tmp_path / "killed"
-    assert [r["round"] for r in killed_then_resumed(cfg, killed, online_setup, at_round=3)] == [0, 1, 2]
+    assert [r["round"] for r in killed_then_resumed(cfg, killed, online_setup, at_round=4)] == [0, 1, 2, 3]
     assert metric_rows(killed) == metric_rows(full)
     assert json.loads((killed / "plan.json").read_text()) == written
 

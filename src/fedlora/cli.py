@@ -110,9 +110,9 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
         oc = cfg.planner.online
         start = (f"rounds 1-{oc.warmup_rounds} run this warm-up (every client, full rank)" if oc.warmup_rounds else
                  "round 1 runs this plan, made before any update was seen (each client's update taken as "
-                 "orthogonal to the others'), and round 2 replaces it")
-        console.print(f"online planning: {start}; from then on the plan is computed from the update energies the "
-                      f"server measures and refined every {oc.replan_every} rounds or when its predicted rounds move "
+                 "orthogonal to the others'), and rounds 2 and 3 replace it as the first measurements come in")
+        console.print(f"online planning: {start}; from then on the plan is computed from the update energies and the "
+                      f"step's curvature cost the server measures and refined every {oc.replan_every} rounds or when its predicted rounds move "
                       f"by {oc.replan_tolerance:.0%} (q >= {oc.min_participation:g} for every client); each plan "
                       f"charges {cfg.planner.plan_time_s:g} s of server time")
     else:

@@ -21,11 +21,28 @@ With them the aggregated update (read per unit of retained signal) has, per clie
     sketch variance    p_i^2 m_i (s_i^-theta - 1) / q_i
 
 (theta = 1 is the ideal sketch of the seed; a measured theta > 1 says a sketch costs more);
-nu(q, s) = (sum of both) / ||D||^2 is the noise-to-signal ratio of a round's update, and
-the rounds to a target grow as 1 + nu (the steps of stochastic training at a tuned step size
-grow with the noise-to-signal ratio of the gradient estimate: McCandlish et al. 2018,
-"An Empirical Model of Large-Batch Training"), i.e. the RoundsModel alpha = 1 - sum p^2
-omega, delta = 1, gamma = 0, weights omega, numerator sketch exponent theta.
+nu(q, s) = (sum of both) / ||D||^2 is the noise-to-signal ratio of a round's update.
+
+How much that noise costs depends on the step, which the run keeps fixed (docs/theory.md
+8.4). Along the mean update the loss is taken as quadratic: a round's expected progress is
+a - b (1 + nu), a the linear gain of D and b = D^T H D / 2, so with rho = b / a the rounds
+to a target grow as
+
+    R(q, s) = (1 - rho) / (1 - rho (1 + nu(q, s)))
+
+(R = 1 at full participation and rank; the seed's form with the noise in the denominator:
+alpha = 1 - rho, beta = 1 - rho + rho sum p^2 omega, gamma = rho, delta = 0, weights
+omega, denominator sketch exponent theta). rho is measured from consecutive applied
+updates A_t, A_{t+1} (what the server added): the next mean update is the current one
+changed by the curvature, D(x + A) = D - eta H A for gradient steps (rho = eta h / 2), so
+E<A_t, A_{t+1}> = ||D||^2 (1 - 2 rho (1 + nu_t)) and E||A_t||^2 = ||D||^2 (1 + nu_t); per
+pair, with c_t = <A_t, A_{t+1}> / ||A_t||^2,
+
+    rho_t = (1 - c_t (1 + nu_t)) / (2 (1 + nu_t)).
+
+Each rho_t is clipped to STEP_RATIO_RANGE and folded into a running mean that starts from
+STEP_RATIO_PRIOR counted as STEP_RATIO_PRIOR_PAIRS pairs (an exponential moving average once
+1 / count falls below `smoothing`).
 
 Before a client has been seen its update is taken to be orthogonal to everybody else's and
 as large as the average seen one (before any: omega_i = 1 / sum p^2, the mean update of
@@ -41,7 +58,22 @@ import numpy as np
 
 from .planner import RoundsModel
 
-__all__ = ["RoundObservation", "OnlineEstimator", "energy_exponent_for"]
+__all__ = ["RoundObservation", "OnlineEstimator", "energy_exponent_for", "fixed_step_model", "STEP_RATIO_PRIOR",
+           "STEP_RATIO_RANGE"]
+
+# rho before any pair of updates was seen: half the noise-free optimum (rho = 1/2, where a
+# step's curvature cost is half its linear gain), between a tiny step (rho -> 0: noise is
+# free) and a tuned one.
+STEP_RATIO_PRIOR = 0.25
+# Measured rho is kept in this range: below, noise would look free and every q would fall to
+# the exploration floor on one lucky pair (while the adapter's factors grow from B = 0,
+# consecutive updates align more than a quadratic allows); above, R would be infinite at
+# full participation.
+STEP_RATIO_RANGE = (0.02, 0.9)
+# The prior counts as this many pairs in the running mean: one pair is noisy (and the first
+# rounds, while the factors grow from B = 0, are not a quadratic regime), so a single pair
+# cannot move every q to the floor. Chosen after the first 50-client look (docs/results.md).
+STEP_RATIO_PRIOR_PAIRS = 2
 
 
 def energy_exponent_for(optimizer: str) -> float:
@@ -66,6 +98,14 @@ class RoundObservation:
                 raise ValueError(f"RoundObservation.{name} must have shape {shape}, got {np.shape(getattr(self, name))}")
 
 
+def fixed_step_model(data_share, relative_energy, step_ratio: float, sketch_exponent: float = 1.0) -> RoundsModel:
+    """R(q, s) = (1 - rho) / (1 - rho (1 + nu(q, s))) as a RoundsModel, nu(q, s) = sum_i p_i^2
+    omega_i (s_i^-theta / q_i - 1)."""
+    p, omega, rho = np.asarray(data_share, dtype=np.float64), np.asarray(relative_energy, dtype=np.float64), step_ratio
+    return RoundsModel(alpha=1.0 - rho, beta=1.0 - rho + rho * float(np.sum(p ** 2 * omega)), gamma=rho, delta=0.0,
+                       client_weight=omega, denominator_sketch_exponent=sketch_exponent)
+
+
 class OnlineEstimator:
     """Running estimate of m_i, ||D||^2 and the per-client variances; see the module docstring.
 
@@ -85,6 +125,8 @@ class OnlineEstimator:
         self.seen = np.zeros(n, dtype=np.int64)
         self.cross = 0.0  # sum_{i != j} p_i p_j <Delta_i, Delta_j>
         self.rounds = 0
+        self.step = STEP_RATIO_PRIOR  # rho
+        self.step_pairs = 0
 
     # -- the sketch model
     def energy_ratio(self, k) -> np.ndarray:
@@ -114,7 +156,18 @@ class OnlineEstimator:
         self.rounds += 1
         self.cross += self._weight(self.rounds) * (cross - self.cross)
 
+    def observe_step(self, alignment: float, nu: float) -> None:
+        """Fold in one pair of consecutive applied updates: alignment = <A_t, A_{t+1}> / ||A_t||^2
+        and nu the noise-to-signal ratio of the plan A_t was drawn under."""
+        rho = float(np.clip((1.0 - alignment * (1.0 + nu)) / (2.0 * (1.0 + nu)), *STEP_RATIO_RANGE))
+        self.step_pairs += 1
+        self.step += self._weight(self.step_pairs + STEP_RATIO_PRIOR_PAIRS) * (rho - self.step)
+
     # -- estimates
+    def step_ratio(self) -> float:
+        """rho in STEP_RATIO_RANGE (the prior until a pair was seen)."""
+        return float(np.clip(self.step, *STEP_RATIO_RANGE))
+
     def client_energy(self) -> np.ndarray:
         """m_i; a client never seen gets the data-share-weighted mean of the seen ones (1 before
         any is seen: only ratios to the signal matter)."""
@@ -146,18 +199,17 @@ class OnlineEstimator:
         return float(np.sum(samp) + np.sum(sk)) / self.signal()
 
     def rounds_model(self) -> RoundsModel:
-        """R(q, s) = 1 + nu(q, s) as a RoundsModel (the plan depends on it only up to scale)."""
-        omega = self.relative_energy()
-        return RoundsModel(alpha=1.0 - float(np.sum(self.p ** 2 * omega)), beta=1.0, gamma=0.0, delta=1.0,
-                           client_weight=omega, numerator_sketch_exponent=self.theta)
+        return fixed_step_model(self.p, self.relative_energy(), self.step_ratio(), self.theta)
 
     # -- checkpoint (JSON-able; floats survive a JSON round trip exactly)
     def state_dict(self) -> dict:
         return {"energy": [None if np.isnan(x) else float(x) for x in self.energy],
-                "seen": [int(x) for x in self.seen], "cross": float(self.cross), "rounds": int(self.rounds)}
+                "seen": [int(x) for x in self.seen], "cross": float(self.cross), "rounds": int(self.rounds),
+                "step": float(self.step), "step_pairs": int(self.step_pairs)}
 
     def load_state_dict(self, d: dict) -> None:
         self.energy = np.array([np.nan if x is None else float(x) for x in d["energy"]], dtype=np.float64)
         self.seen = np.array(d["seen"], dtype=np.int64)
         self.cross = float(d["cross"])
         self.rounds = int(d["rounds"])
+        self.step, self.step_pairs = float(d["step"]), int(d["step_pairs"])

@@ -10,10 +10,12 @@ Where R comes from (`planner.constants`, docs/theory.md sections 5 and 8):
   * online (default) [ours]: no constants up front. The first `planner.online.warmup_rounds`
     rounds (0 by default) run at q = 1 and full rank; the first plan takes every client's
     update as orthogonal to the others' (fedlora.online's prior). From then on the server's
-    estimates of each client's update energy and of the mean update's energy, both from the
-    updates it receives, give R = 1 + nu(q, s), nu the noise-to-signal ratio of a round's
-    update. The method re-plans at round 2 when round 1 ran on the prior's plan, then every
-    `replan_every` rounds, or sooner when the current plan's predicted R moved by
+    estimates, all from the updates it receives, give R = (1 - rho) / (1 - rho (1 + nu(q, s))):
+    nu the noise-to-signal ratio of a round's update (each client's update energy against
+    the mean update's), rho how much of a step's gain its curvature takes back at the run's
+    fixed learning rate (from the alignment of consecutive applied updates). A plan made
+    while either was still a prior is replaced at the next round; then the method re-plans
+    every `replan_every` rounds, or sooner when the current plan's predicted R moved by
     `replan_tolerance` (docs/theory.md section 8.5). q and
     s change only between rounds, so every round's p_i / q_i weights are those its sampling
     used; q never falls below `min_participation`. Online planning uses the relaxed
@@ -63,6 +65,13 @@ def update_gram(jobs, payloads, rank: int) -> np.ndarray:
     return (u @ u.T).numpy()
 
 
+def applied_update(old, new) -> torch.Tensor:
+    """What the server added to the adapter this round, flat in float64 (sorted module names,
+    A then B)."""
+    return torch.cat([torch.cat([(new[k][0].double() - old[k][0].double()).flatten(),
+                                 (new[k][1].double() - old[k][1].double()).flatten()]) for k in sorted(old)])
+
+
 class Proposed(IndependentSketch):
     name = "proposed"
     summary = "seed 001: planner picks q_i and ranks k_i (Algorithm 2), its rounds model learnt online by default"
@@ -80,6 +89,8 @@ class Proposed(IndependentSketch):
         self.planned: Plan | None = None
         self._plan_entry: dict = {}
         self.last_plan_round = 0
+        self.planned_on_prior = False  # the plan in force was made before rho or the energies were measured
+        self.last_update: dict | None = None  # the previous round's applied update and its (q, s)
         self.history: list[dict] = []
         super().__init__(ctx)
 
@@ -122,9 +133,9 @@ class Proposed(IndependentSketch):
             return False
         if self.planned is None or t - self.last_plan_round >= oc.replan_every:
             return True
-        if oc.warmup_rounds == 0 and self.last_plan_round == 1 < t:
-            # the plan in force was made on the prior, before any update was seen: replace it as
-            # soon as one round was measured (its own predicted R cannot flag it when q is near 1)
+        if self.planned_on_prior and self.last_plan_round < t:
+            # replace a plan made on a prior as soon as a round measured more (its own predicted
+            # R cannot flag it when q is near 1)
             return True
         now = self.estimator.rounds_model().value(self.participation_prob, self.sketch_ratio, self.ctx.data_share)
         return abs(now / self.planned.rounds_factor - 1.0) > oc.replan_tolerance
@@ -136,6 +147,8 @@ class Proposed(IndependentSketch):
         self.planned = self.run_planner(constants, start)
         self._adopt(self.planned)
         self.last_plan_round = t
+        if self.online:
+            self.planned_on_prior = self.estimator.rounds == 0 or self.estimator.step_pairs == 0
         self._plan_entry = {"round": t, "participation_prob": self.planned.participation_prob.tolist(),
                             "ranks": self.planned.ranks.tolist(),
                             "expected_participants": float(self.planned.participation_prob.sum()),
@@ -143,6 +156,7 @@ class Proposed(IndependentSketch):
                             "expected_round_time_s": float(self.planned.expected_round_time_s)}
         if self.online:
             self._plan_entry["relative_energy"] = self.estimator.relative_energy().tolist()
+            self._plan_entry["step_ratio"] = self.estimator.step_ratio()
         self.history.append({k: self._plan_entry[k] for k in ("round", "expected_participants", "rounds_factor",
                                                               "expected_round_time_s")})
 
@@ -169,7 +183,21 @@ class Proposed(IndependentSketch):
             self.estimator.observe(RoundObservation(
                 clients=np.array(ids, dtype=np.int64), ranks=np.array([len(jobs[i].rank_indices) for i in ids]),
                 participation_prob=self.participation_prob[ids], gram=update_gram(jobs, payloads, self.ctx.rank)))
+            self._observe_step(applied_update(state, new.state) if ids else None)
         return new
+
+    def _observe_step(self, update: torch.Tensor | None) -> None:
+        """Pair this round's applied update with the previous round's (an empty round breaks the
+        chain: nothing was applied)."""
+        now = None if update is None else {"update": update, "q": self.participation_prob.copy(),
+                                           "s": self.sketch_ratio.copy()}  # the plan this update was drawn under
+        last = self.last_update
+        if now is not None and last is not None:
+            norm2 = float(last["update"] @ last["update"])
+            if norm2 > 0:
+                self.estimator.observe_step(float(last["update"] @ update) / norm2,
+                                            self.estimator.noise_to_signal(last["q"], last["s"]))
+        self.last_update = now
 
     # -- what the run folder shows and the checkpoint keeps
     def plan(self) -> dict:
@@ -192,6 +220,7 @@ class Proposed(IndependentSketch):
         d = super().state_dict()
         if self.online:
             d["online"] = {"estimator": self.estimator.state_dict(), "last_plan_round": self.last_plan_round,
+                           "planned_on_prior": self.planned_on_prior, "last_update": self.last_update,
                            "history": self.history, "plan": None if self.planned is None else self.planned.to_dict()}
         return d
 
@@ -201,6 +230,10 @@ class Proposed(IndependentSketch):
             o = d["online"]
             self.estimator.load_state_dict(o["estimator"])
             self.last_plan_round, self.history = int(o["last_plan_round"]), list(o["history"])
+            self.planned_on_prior = bool(o["planned_on_prior"])
+            lu = o["last_update"]
+            self.last_update = None if lu is None else {"update": lu["update"], "q": np.asarray(lu["q"], dtype=float),
+                                                        "s": np.asarray(lu["s"], dtype=float)}
             self.planned = None if o["plan"] is None else Plan.from_dict(o["plan"])
             if self.planned is not None:  # else the warm-up setting __init__ chose
                 self._adopt(self.planned)

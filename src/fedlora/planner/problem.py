@@ -63,8 +63,9 @@ class RoundsModel:
     with per-client weights w (``client_weight``) and sketch exponents theta_x
     (``numerator_sketch_exponent``) and theta_y (``denominator_sketch_exponent``). The seed's
     model is w = 1, theta_x = 0, theta_y = 1 (``RoundsModel.seed``). The online model [ours]
-    is beta = 1, gamma = 0, delta = 1, w = measured relative update energies, theta_x = the
-    sketch's cost exponent and alpha = 1 - sum p^2 w (R = 1 at full participation and rank).
+    (fedlora.online) is the seed's form with w = measured relative update energies, theta_y =
+    the sketch's cost exponent, delta = 0, alpha = 1 - rho, gamma = rho and beta = 1 - rho +
+    rho sum p^2 w, rho the measured step ratio (R = 1 at full participation and rank).
 
     Constraints: beta > 0, gamma >= 0, delta >= 0, w >= 0, theta_x, theta_y >= 0; alpha may be
     <= 0 as long as the numerator is positive on the whole domain (PlanProblem checks
