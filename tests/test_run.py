@@ -173,6 +173,21 @@ def test_same_seed_same_numbers_and_the_probe_only_measures(setup, tmp_path):
     assert rb[-1]["probe_loss"] != pytest.approx(rb[0]["probe_loss"], rel=1e-6)  # it follows training
 
 
+def test_a_runs_numbers_do_not_depend_on_what_ran_before_it(tmp_path):
+    """With LoRA in the top block only, the frozen blocks' output is cached per (question, option)
+    and shared by every run on a setup (a compare, a study's worker). Each question's pairs are
+    computed in a pass of their own, so FSLoRA after another method gives exactly the numbers it
+    gives alone (filled by whichever batch first needed a pair, the last bits followed the
+    earlier run: this test failed so)."""
+    cfg = load_config(SMOKE, ["lora.layers=[5]", "train.rounds=4", "method=fslora"])
+    first = setup_mod.build_setup(load_config(SMOKE, ["lora.layers=[5]", "train.rounds=4", "method=sample_full"]))
+    assert first.engine.frozen_prefix > 0
+    simulate.run(first.cfg, tmp_path / "other", setup=first, progress=False)
+    simulate.run(cfg, tmp_path / "after", setup=first, progress=False)
+    simulate.run(cfg, tmp_path / "alone", progress=False)
+    assert without_cpu_time(rows(tmp_path / "after")) == without_cpu_time(rows(tmp_path / "alone"))
+
+
 def test_a_method_that_cannot_plan_leaves_no_folder(setup, tmp_path):
     # gamma this large leaves no feasible ranks at the fixed q = 0.5 (proposed_s plans s only)
     cfg = load_config(SMOKE, ["method=proposed_s", "sampling.participation_prob=0.5",

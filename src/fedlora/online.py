@@ -59,7 +59,7 @@ import numpy as np
 from .planner import RoundsModel
 
 __all__ = ["RoundObservation", "OnlineEstimator", "energy_exponent_for", "fixed_step_model", "STEP_RATIO_PRIOR",
-           "STEP_RATIO_RANGE"]
+           "STEP_RATIO_PRIOR_PAIRS", "STEP_RATIO_RANGE"]
 
 # rho before any pair of updates was seen: half the noise-free optimum (rho = 1/2, where a
 # step's curvature cost is half its linear gain), between a tiny step (rho -> 0: noise is

@@ -3,7 +3,9 @@
 `OptionScorer(batch)` returns scores [B, max options] (-inf where a question has fewer) and
 labels [B]. Tokenization is cached per text; sequences are grouped by length (CPU compute
 is proportional to padded tokens); with an encoder whose bottom blocks hold no LoRA module
-their output is computed once per (question, option) and cached (`frozen_prefix` blocks).
+their output is computed once per (question, option) and cached (`frozen_prefix` blocks),
+in one pass per question, so that a cached value never depends on which batch needed it
+first (a run's numbers then do not depend on what ran before it on the same engine).
 
   * encoder: a cross-encoder on transformers' AutoModelForTokenClassification (one label):
     "[CLS] question [SEP] option [SEP]" is encoded and its score is the mean over its tokens
@@ -173,13 +175,16 @@ class OptionScorer:
 
     @torch.no_grad()
     def _fill_prefix_cache(self, keys, seqs, types) -> None:
-        """Compute the frozen blocks' output once per (question, option) pair (kept on CPU)."""
+        """Compute the frozen blocks' output once per (question, option) pair (kept on CPU), one
+        forward pass per question: a pass's last bits depend on the batch it ran in (padding,
+        shapes), so a pair cached by whichever batch first needed it would make a run's numbers
+        depend on what ran before it on the same engine (a compare, a study's worker)."""
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one row per distinct pair
         todo = [first[k] for k in dict.fromkeys(keys) if k not in self.prefix_cache]
-        if not todo:
-            return
-        for group in self._length_groups([seqs[i] for i in todo]):
-            rows = [todo[g] for g in group]
+        by_question: dict[str, list[int]] = {}
+        for i in todo:
+            by_question.setdefault(keys[i][0], []).append(i)
+        for rows in by_question.values():
             ids, mask = self._pad([seqs[i] for i in rows])
             tt, _ = self._pad([types[i] for i in rows], pad_id=0)
             hidden = hidden_before(self.net, self.frozen_prefix, ids, mask, tt).cpu()
