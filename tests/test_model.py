@@ -236,8 +236,10 @@ def test_frozen_prefix_cache_matches_full_forward():
     assert (cached[2][fin] - full[2][fin]).abs().max() < 1e-5
     assert (cached[2][fin] - cached[0][fin]).abs().max() > 1e-3  # the merge did change the scores
     assert cached[1].losses == pytest.approx(full[1].losses, abs=1e-5)
+    # AdamW divides by sqrt(v): last-bit differences of the cached pass reach ~4e-5 in a few of the
+    # 1,536 entries after three steps of lr 1e-2, 1 % of a step (measured)
     for n, (a, b) in full[1].state.items():
-        assert torch.allclose(cached[1].state[n][0], a, atol=1e-5) and torch.allclose(cached[1].state[n][1], b, atol=1e-5)
+        assert torch.allclose(cached[1].state[n][0], a, atol=1e-4) and torch.allclose(cached[1].state[n][1], b, atol=1e-4)
     with pytest.raises(ModelError, match=r"lora.layers \[9\]"):
         Engine(ModelSpec(EMBEDDED_MODEL, max_length=32, lora_layers=(5, 9)), rank=4, seed=0)
 
