@@ -112,8 +112,8 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
                  "round 1 runs this plan, made before any update was seen (each client's update taken as "
                  "orthogonal to the others'), and rounds 2 and 3 replace it as the first measurements come in")
         console.print(f"online planning: {start}; from then on the plan is computed from the update energies and the "
-                      f"step's curvature cost the server measures and refined every {oc.replan_every} rounds or when its predicted rounds move "
-                      f"by {oc.replan_tolerance:.0%} (q >= {oc.min_participation:g} for every client); each plan "
+                      f"step's curvature cost the server measures and refined every {oc.replan_every} rounds or "
+                      f"when its predicted rounds move by {oc.replan_tolerance:.0%} (q >= {oc.min_participation:g} for every client); each plan "
                       f"charges {cfg.planner.plan_time_s:g} s of server time")
     else:
         console.print(f"objective {result['objective']:.4g}  constants {result['constants']}  "
