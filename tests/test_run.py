@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -186,6 +187,37 @@ def test_a_runs_numbers_do_not_depend_on_what_ran_before_it(tmp_path):
     simulate.run(cfg, tmp_path / "after", setup=first, progress=False)
     simulate.run(cfg, tmp_path / "alone", progress=False)
     assert without_cpu_time(rows(tmp_path / "after")) == without_cpu_time(rows(tmp_path / "alone"))
+
+
+def test_a_replicate_redraws_the_training_and_keeps_the_setting(setup, tmp_path):
+    """train.replicate = 0 draws what every run drew before the field existed ([seed, stream,
+    ...]); replicate 1 draws the minibatches, participation and sketches anew on the same data
+    split, client profiles and evaluation questions."""
+    import dataclasses
+
+    base = setup.cfg.model_copy(deep=True)
+    base.train.rounds = 2
+    cfg = base.model_copy(deep=True)
+    cfg.train.replicate = 1
+    own_draw, rep = dataclasses.replace(setup, cfg=base), dataclasses.replace(setup, cfg=cfg)
+    seed, tau = setup.cfg.seed, setup.cfg.train.local_steps
+    own = setup.client_indices[0]
+    size = min(setup.cfg.train.batch_size, len(own))
+    rng = np.random.default_rng([seed, streams.STREAM_BATCH, 1, 0])  # the draw as it was written before
+    before = [[setup.train[j].text for j in rng.choice(own, size=size, replace=False)] for _ in range(tau)]
+    ids = lambda s: [[q.text for q in b] for b in setup_mod.client_batches(s, 0, 1)]  # noqa: E731
+    assert ids(setup) == before
+    assert ids(rep) != before and sorted(sum(ids(rep), [])) != sorted(sum(before, []))
+    a, b = tmp_path / "a", tmp_path / "b"
+    simulate.run(base, a, setup=own_draw, progress=False)
+    simulate.run(cfg, b, setup=rep, progress=False)
+    for f in ("data.json", "clients.json"):
+        assert (a / f).read_text() == (b / f).read_text()
+    assert setup_mod.build_setup(cfg).eval_questions == setup.eval_questions
+    ra, rb = rows(a), rows(b)
+    assert ra[0]["eval"] == rb[0]["eval"]  # the same questions and the same untrained adapter's scores
+    assert [r["participants"] for r in ra] != [r["participants"] for r in rb]
+    assert "replicate: 1" in (b / "config.yaml").read_text() and "replicate" not in (a / "config.yaml").read_text()
 
 
 def test_a_method_that_cannot_plan_leaves_no_folder(setup, tmp_path):

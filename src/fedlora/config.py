@@ -6,6 +6,7 @@ Every user-facing problem (bad file, unknown key, out-of-range value) becomes an
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -18,6 +19,27 @@ MEAN = "mean"  # target key for eval_mean, the mean accuracy over tasks (reports
 
 class InputError(ValueError):
     """A problem with what the user gave us (file, field, value). Printed as one line, exit 2."""
+
+
+def read_user_text(path: Path, *, missing: str) -> str:
+    """The text of a file the user named; InputError '<path>: <missing>' when there is none,
+    '<path>: cannot read (...)' when it is not readable text."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise InputError(f"{path}: {missing}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e.__class__.__name__})") from None
+
+
+def read_user_file(path: Path, fmt: Literal["YAML", "JSON"], *, missing: str) -> Any:
+    """The parsed content of a YAML or JSON file the user named (read_user_text's errors, and
+    '<path>: not valid <fmt> (...)' when it does not parse)."""
+    text = read_user_text(path, missing=missing)
+    try:
+        return yaml.safe_load(text) if fmt == "YAML" else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid {fmt} ({str(e).splitlines()[0]})") from None
 
 
 class _Strict(BaseModel):
@@ -67,6 +89,10 @@ class TrainConfig(_Strict):
     server_lr: float = Field(1.0, gt=0)
     target_accuracy: float | dict[str, float] | None = None  # eval_mean, or per task
     max_sim_time_s: float | None = Field(None, gt=0)
+    # 0: the seed's own training draws; k > 0: fresh draws of every training stream (initial
+    # adapter, minibatches, participation, sketches, fading) on the seed's data split, client
+    # profiles and evaluation questions: how much a run varies within one setting
+    replicate: int = Field(0, ge=0)
 
     @field_validator("target_accuracy")
     @classmethod
@@ -375,12 +401,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
-            raise InputError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise InputError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        loaded = read_user_file(p, "YAML", missing="config file not found")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -399,7 +420,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # Fields added after run folders and settings were first written, with the value that
 # reproduces the behaviour from before: at that value they are left out of the dumps, so a
 # setting keeps its key and an older run folder still matches its config.
-ADDED_LATER: dict[tuple[str, str], Any] = {("data", "dirichlet_draw"): "per_task"}
+ADDED_LATER: dict[tuple[str, str], Any] = {("data", "dirichlet_draw"): "per_task", ("train", "replicate"): 0}
 
 
 def _config_dict(cfg: RunConfig) -> dict:

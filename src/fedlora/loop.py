@@ -35,7 +35,7 @@ from .rundir import (load_checkpoint, read_rows, same_training, save_checkpoint,
                      write_atomic)
 from .data import subsample
 from .setup import Setup, build_setup, clients_json, derived_seed, local_train
-from .streams import STREAM_FADING, STREAM_INIT, STREAM_PROBE
+from .streams import STREAM_FADING, STREAM_INIT, STREAM_PROBE, training_entropy
 from .system import downlink_time_s, equal_finish_allocation, equal_split_allocation, rayleigh_fading
 from .tracking import RunLog
 
@@ -59,7 +59,7 @@ class RoundClock:
         sys = self.cfg.system
         eff = self.eff[ids]
         if sys.profiles.fading and ids:
-            rng = np.random.default_rng([self.cfg.seed, STREAM_FADING, round_idx])
+            rng = np.random.default_rng([*training_entropy(self.cfg), STREAM_FADING, round_idx])
             eff = rayleigh_fading(rng, self.eff, 2.0 ** self.eff - 1.0)[ids]
         t_cp = self.compute_model.time_s(self.compute_time_s[ids], np.asarray(ratios))
         t_cm = np.asarray(upload_bits) / eff
@@ -114,7 +114,7 @@ def start_run_folder(setup: Setup, method: Method, out: Path, pre_run_planning_s
     if plan is not None:
         write_atomic(out / "plan.json", json.dumps(plan, indent=1))
     setup.engine.load_base_delta({})  # a shared engine may carry another run's merges
-    state = setup.engine.init_state(derived_seed(cfg.seed, STREAM_INIT))
+    state = setup.engine.init_state(derived_seed(*training_entropy(cfg), STREAM_INIT))
     acc, mean = evaluate(setup, state, setup.eval_questions)
     row0 = {"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "participants": [], "upload_bytes": 0,
             "download_bytes": 0, "train_loss": None, "eval": acc, "eval_mean": mean}
@@ -233,13 +233,20 @@ def stop_reason(cfg: RunConfig, prog: dict, t: int, rows: list[dict], stop_when=
     row = rows[-1]
     if "eval" in row and target_reached(cfg.train.target_accuracy, row["eval"], row["eval_mean"]):
         return "target_accuracy"
-    if cfg.train.max_sim_time_s is not None and prog["sim_time_s"] >= cfg.train.max_sim_time_s:
-        return "max_sim_time"
+    limit = limit_reached(cfg, t, prog["sim_time_s"])
+    if limit == "max_sim_time":
+        return limit
     if stop_when is not None and stop_when(rows):
         return "stop_when"
-    if t >= cfg.train.rounds:
-        return "max_rounds"
-    return None
+    return limit
+
+
+def limit_reached(cfg: RunConfig, rounds_done: int, sim_time_s: float) -> str | None:
+    """The limit the run has used up (its simulated time first), None while neither is."""
+    t = cfg.train
+    if t.max_sim_time_s is not None and sim_time_s >= t.max_sim_time_s:
+        return "max_sim_time"
+    return "max_rounds" if rounds_done >= t.rounds else None
 
 
 def commit_round(out: Path, metrics, row: dict, state, method: Method, engine: Engine, prog: dict) -> None:
@@ -316,7 +323,8 @@ def restore(setup: Setup, method: Method, out: Path, pre_run_s: float):
     if ckpt is None:
         return start_run_folder(setup, method, out, pre_run_s)
     adapter, method_state, base_delta, prog = ckpt
-    if prog["stop_reason"] in ("max_rounds", "max_sim_time") and not limit_reached(setup.cfg, prog):
+    if prog["stop_reason"] in ("max_rounds", "max_sim_time") and \
+            limit_reached(setup.cfg, prog["next_round"] - 1, prog["sim_time_s"]) is None:
         prog["stop_reason"] = None  # an extended run: its limit grew
     method.load_state_dict(method_state)
     setup.engine.load_base_delta(base_delta)  # also clears merges a shared engine may carry
@@ -388,12 +396,6 @@ def check_extension(out: Path, saved: str, cfg: RunConfig) -> bool:
                          f"({first_difference(out / 'config.yaml', dump_config(cfg))}); resume needs the same "
                          "config, or only a larger train.rounds / train.max_sim_time_s")
     return True
-
-
-def limit_reached(cfg: RunConfig, prog: dict) -> bool:
-    """Has the run used up its rounds or its simulated time (as stop_reason decides)?"""
-    t = cfg.train
-    return prog["next_round"] > t.rounds or (t.max_sim_time_s is not None and prog["sim_time_s"] >= t.max_sim_time_s)
 
 
 def finish(setup: Setup, method: Method, out: Path, state, prog: dict, extra: dict | None = None) -> dict:

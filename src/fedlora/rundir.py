@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import RECORDING_ONLY, InputError
+from .config import RECORDING_ONLY, InputError, read_user_text
 
 __all__ = ["write_atomic", "read_rows", "time_to_target", "first_reaching", "target_reached", "run_status", "has_checkpoint",
            "save_checkpoint", "load_checkpoint"]
@@ -47,12 +47,7 @@ def read_rows(folder: Path, *, before_round: int | None = None) -> list[dict]:
     (a round re-run after a crash between its row and its checkpoint). `before_round`: only
     the rounds below it. An unreadable line is an InputError naming the file and line."""
     path = Path(folder) / "metrics.jsonl"
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (not a run folder)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    text = read_user_text(path, missing="not found (not a run folder)")
     by_round: dict[int, dict] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -7,18 +7,17 @@ All randomness is counter-based (seed, purpose, round, client): the streams belo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import InputError, RunConfig
+from .config import InputError, RunConfig, read_user_file
 from .data import DataError, Question, load_tasks, partition, subsample
 from .methods import MethodContext
 from .model import Engine, ModelError, ModelSpec
 from .sketch import payload_values as rank_payload_values
-from .streams import STREAM_BATCH, STREAM_DATA, STREAM_EVAL, STREAM_PROFILES
+from .streams import STREAM_BATCH, STREAM_DATA, STREAM_EVAL, STREAM_PROFILES, training_entropy
 from .system import ClientProfile, channel_profiles, generate_profiles
 
 
@@ -89,12 +88,7 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
 
 def load_profiles_file(path: str, num_clients: int) -> list[ClientProfile]:
     p = Path(path)
-    try:
-        records = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{p}: profile file not found (system.profiles.file)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{p}: cannot read profiles ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    records = read_user_file(p, "JSON", missing="profile file not found (system.profiles.file)")
     if isinstance(records, dict) and "clients" in records:
         records = records["clients"]
     if not isinstance(records, list):
@@ -179,7 +173,7 @@ def build_setup(cfg: RunConfig) -> Setup:
 def client_batches(setup: Setup, client: int, round_idx: int) -> list[list[Question]]:
     """tau minibatches drawn without replacement within a batch, seeded by (round, client)."""
     cfg = setup.cfg
-    rng = np.random.default_rng([cfg.seed, STREAM_BATCH, round_idx, client])
+    rng = np.random.default_rng([*training_entropy(cfg), STREAM_BATCH, round_idx, client])
     own = setup.client_indices[client]
     size = min(cfg.train.batch_size, len(own))
     return [[setup.train[j] for j in rng.choice(own, size=size, replace=False)]

@@ -22,3 +22,13 @@ STREAM_SKETCH = 14  # which ranks a sketch keeps
 STREAM_FIXED_SAMPLE = 15  # fixed-size sampled set, shared by fslora / hetlora / flora / flexlora
 STREAM_FRESH_INIT = 16  # FLoRA's fresh A_i per (round, client)
 STREAM_TSFA_BUDGET = 21  # TSFA's latency budget draw
+
+# a replicate's training draws (train.replicate)
+STREAM_REPLICATE = 31
+
+
+def training_entropy(cfg) -> list[int]:
+    """What every training stream is seeded from: [seed], or [seed, STREAM_REPLICATE, k] for
+    train.replicate = k > 0 (the data split, profiles and evaluation questions keep [seed])."""
+    k = cfg.train.replicate
+    return [cfg.seed] if k == 0 else [cfg.seed, STREAM_REPLICATE, k]

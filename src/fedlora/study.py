@@ -49,7 +49,8 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import ConstantsConfig, InputError, RunConfig, dump_config, load_config, training_dump, validate
+from .config import (ConstantsConfig, InputError, RunConfig, dump_config, load_config, read_user_file, training_dump,
+                     validate)
 from .rundir import has_checkpoint, read_rows, run_status, write_atomic
 
 EVAL_WINDOW = 3  # reference evaluations averaged into acc_ref
@@ -105,12 +106,7 @@ def load_study(path: str | Path, extra_overrides: list[str] | None = None) -> tu
     from .methods import METHODS
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such study file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_user_file(path, "YAML", missing="no such study file")
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as e:

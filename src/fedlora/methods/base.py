@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..config import RandomRule, RunConfig
 from ..sketch import rank_count
+from ..streams import training_entropy
 
 AdapterState = dict[str, tuple[Tensor, Tensor]]
 Payload = dict[str, Tensor]
@@ -58,7 +59,7 @@ class MethodContext:
     def rng(self, *purpose: int) -> np.random.Generator:
         """Counter-based randomness: the same (seed, purpose, round, client) gives the same
         draws whether the run was resumed or not."""
-        return np.random.default_rng([self.cfg.seed, *purpose])
+        return np.random.default_rng([*training_entropy(self.cfg), *purpose])
 
 
 # ------------------------------------------------------------------ upload rules

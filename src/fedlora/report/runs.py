@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import yaml
-
-from ..config import MEAN, InputError
+from ..config import MEAN, InputError, read_user_file
 from ..rundir import first_reaching, read_rows
 
 ALL = "all"  # target key: every per-task target at once (a dict target; the run's stopping rule)
@@ -141,22 +138,14 @@ def read_json_file(path: Path):
     unfinished or older run); InputError naming the file when it cannot be read."""
     if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
+    return read_user_file(path, "JSON", missing="not found")
 
 
 def load_run(path: str | Path) -> Run:
     """Read one run folder. Raises InputError naming the file (and line) that cannot be read."""
     path = Path(path)
     cfg_path = path / "config.yaml"
-    try:
-        config = yaml.safe_load(cfg_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{cfg_path}: not found (not a run folder)") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise InputError(f"{cfg_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    config = read_user_file(cfg_path, "YAML", missing="not found (not a run folder)")
     if not isinstance(config, dict):
         raise InputError(f"{cfg_path}: top level must be a mapping")
     metrics = path / "metrics.jsonl"
