@@ -57,8 +57,8 @@ class MethodContext:
         return self.cfg.lora.alpha / self.cfg.lora.rank
 
     def rng(self, *purpose: int) -> np.random.Generator:
-        """Counter-based randomness: the same (seed, purpose, round, client) gives the same
-        draws whether the run was resumed or not."""
+        """Counter-based randomness: the same (seed, replicate, purpose, round, client) gives the
+        same draws whether the run was resumed or not."""
         return np.random.default_rng([*training_entropy(self.cfg), *purpose])
 
 
