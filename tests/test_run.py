@@ -215,7 +215,7 @@ def test_a_replicate_redraws_the_training_and_keeps_the_setting(setup, tmp_path)
         assert (a / f).read_text() == (b / f).read_text()
     assert setup_mod.build_setup(cfg).eval_questions == setup.eval_questions
     ra, rb = rows(a), rows(b)
-    assert ra[0]["eval"] == rb[0]["eval"]  # the same questions and the same untrained adapter's scores
+    assert ra[0]["eval"] == rb[0]["eval"]  # same questions; B = 0, so a fresh A leaves the scores as they were
     assert [r["participants"] for r in ra] != [r["participants"] for r in rb]
     assert "replicate: 1" in (b / "config.yaml").read_text() and "replicate" not in (a / "config.yaml").read_text()
 
