@@ -10,9 +10,10 @@ seeds. A scouting measurement of the comparison's noise, not a compared run:
 Arguments: the baseline, the method, then one compare summary.json per draw (the first is
 replicate 0, the seed's own draw). A run that missed the target counts at its last time (a
 lower bound, marked *). Prints per seed each draw's times and BASELINE / METHOD, the geometric
-mean ratio of each draw over the seeds, a t-test of the seeds' mean log ratios, and per method
-the standard deviation of log time within a seed (pooled over seeds) and between the seeds'
-means.
+mean ratio of each draw over the seeds, the paired test of fedlora's summaries
+(`report.paired_test`: sign test, t-test and interval) over the seeds' mean log ratios, and per
+method the standard deviation of log time within a seed (pooled over seeds) and between the
+seeds' means.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import math
 import sys
 
 import numpy as np
-from scipy import stats
+
+from fedlora.report import paired_test
 
 
 def times(summary: dict, label: str) -> dict[int, tuple[float, bool]]:
@@ -57,9 +59,11 @@ def main() -> None:
     print(f"all draws: {math.exp(log_ratio.mean()):.2f}x; per seed, geometric mean over draws: "
           + ", ".join(f"{math.exp(v):.2f}x" for v in log_ratio.mean(axis=1))
           + f"; pairs at >= 2x: {int((log_ratio >= math.log(2)).sum())} of {log_ratio.size}")
-    per_seed = log_ratio.mean(axis=1)  # the seed is the unit: its draws share data and clients
-    print(f"t-test of the seeds' mean log ratio against 0 (df {len(seeds) - 1}): "
-          f"p = {stats.ttest_1samp(per_seed, 0.0).pvalue:.3f}")
+    # the seed is the unit: its draws share data and clients
+    test = paired_test(np.exp(log_ratio.mean(axis=1)))
+    print(f"paired over seeds: {test['faster']} faster / {test['slower']} slower (sign p = {test['sign_p']:.3f}); "
+          f"t-test of the seeds' mean log ratio against 0 (df {len(seeds) - 1}): p = {test['t_p']:.3f}, "
+          f"95% interval of the geometric mean {test['interval'][0]:.2f}-{test['interval'][1]:.2f}x")
     for m in (base, method):
         logs = np.array([[math.log(t[s][0]) for t in by[m]] for s in seeds])
         between = math.sqrt(logs.mean(axis=1).var(ddof=1))

@@ -451,9 +451,30 @@ def test_speedups_over_focus_paired_by_seed(tmp_path):
     assert sp["hetlora"][A]["value"] == pytest.approx((30 + 90) / 60) and sp["hetlora"][A]["at_least"]
     assert sp["hetlora"][A]["per_seed"][1] == {"ratio": pytest.approx(90 / 40), "at_least": True}
     assert sp["flora"][A]["value"] == pytest.approx(40 / 60)  # slower than flora: speedup < 1
+    # the paired test over the two seeds: fslora 3.0 and 2.5 (both faster: sign p = 2 * 0.5^2);
+    # geometric mean sqrt(7.5); t on logs with 1 degree of freedom, by hand
+    t = sp["fslora"][A]["test"]
+    assert (t["seeds"], t["bounds"], t["faster"], t["slower"]) == (2, 0, 2, 0)
+    assert t["sign_p"] == pytest.approx(0.5) and t["geometric_mean"] == pytest.approx(math.sqrt(7.5))
+    logs = [math.log(3.0), math.log(2.5)]
+    mean, se = sum(logs) / 2, abs(logs[0] - logs[1]) / 2  # sd / sqrt(2) with sd = |diff| / sqrt(2)
+    t_stat, t975_df1 = mean / se, 12.706204736174705  # Student t, 1 df: 2 * atan(t) / pi two-sided
+    assert t["t_p"] == pytest.approx(1 - 2 * math.atan(t_stat) / math.pi)
+    assert t["interval"] == pytest.approx([math.exp(mean - t975_df1 * se), math.exp(mean + t975_df1 * se)])
+    # hetlora: seed 0 faster (30 / 20), seed 1 a lower bound above 1 (90 / 40: direction known)
+    h = sp["hetlora"][A]["test"]
+    assert (h["bounds"], h["faster"], h["slower"]) == (1, 2, 0)
+    f = sp["flora"][A]["test"]  # 10 / 20 and 30 / 40: slower in both
+    assert (f["faster"], f["slower"], f["sign_p"]) == (0, 2, pytest.approx(0.5))
     md = rp.render_markdown(s)
     assert "## Speedup of proposed over each method" in md
     assert "| fslora | 2.67× [2.50–3.00] |" in md and "| hetlora | >2.00× [1.50–2.25] |" in md
+    assert f"| fslora | {A} | 2 | 2 / 0 | 0.500 | {math.sqrt(7.5):.2f}× [" in md
+    assert f"| hetlora | {A} | 2 (1 bounds) | 2 / 0 |" in md
+    # a lower bound at or below 1 says nothing about the direction; one seed: no t
+    u = rp.paired_test([0.8, 2.0, 0.5], [True, False, False])
+    assert (u["faster"], u["slower"], u["bounds"]) == (1, 1, 1) and u["sign_p"] == pytest.approx(1.0)
+    assert rp.paired_test([2.0])["t_p"] is None and rp.paired_test([2.0])["sign_p"] == pytest.approx(1.0)
     # focus missing a seed: no claim
     write_run(tmp_path / "proposed" / "seed2", curve(None, 80), method="proposed", seed=2, target=tgt)
     write_run(tmp_path / "fslora" / "seed2", curve(50, 50), method="fslora", seed=2, target=tgt)

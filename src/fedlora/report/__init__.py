@@ -33,7 +33,7 @@ from .clients import client_rows, write_clients_plot
 from .markdown import render_markdown
 from .plots import PLOTS, step_band, write_plots
 from .runs import ALL, Run, Target, find_runs, load_run, parse_target
-from .summary import group_runs, summarize
+from .summary import group_runs, paired_test, speedups_over, summarize
 
 # ------------------------------------------------------------------ entry point
 
@@ -92,10 +92,6 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, target: T
     return {**summary, "markdown": markdown, "files": [str(f) for f in files]}
 
 
-__all__ = ["Run", "load_run", "find_runs", "read_metrics", "parse_target", "target_keys", "time_to_target",
-           "times_to_target", "stats", "group_runs", "summarize", "speedups_over", "render_markdown", "step_band", "write_plots",
-           "report", "MEAN", "ALL"]
-
-
 __all__ = ["ALL", "MEAN", "PLOTS", "Run", "Target", "find_runs", "group_runs", "load_run", "parse_target",
-           "render_markdown", "report", "step_band", "summarize", "time_to_target"]
+           "paired_test", "render_markdown", "report", "speedups_over", "step_band", "summarize",
+           "time_to_target"]

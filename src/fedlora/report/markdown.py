@@ -42,6 +42,17 @@ def _fmt_pair_speedup(cell: dict) -> str:
     return text
 
 
+def _fmt_test(t: dict | None) -> list[str]:
+    if t is None:
+        return ["—"] * 5
+    seeds = f"{t['seeds']}" + (f" ({t['bounds']} bounds)" if t["bounds"] else "")
+    sign_p = "—" if t["sign_p"] is None else f"{t['sign_p']:.3f}"
+    gm = "—" if t["geometric_mean"] is None else f"{t['geometric_mean']:.2f}×"
+    if t["interval"] is not None:
+        gm += f" [{t['interval'][0]:.2f}–{t['interval'][1]:.2f}]"
+    return [seeds, f"{t['faster']} / {t['slower']}", sign_p, gm, "—" if t["t_p"] is None else f"{t['t_p']:.3f}"]
+
+
 def _rounds_cell(s: dict) -> str:
     if s["n"] and s["min"] == s["max"]:
         return str(int(s["min"]))
@@ -130,6 +141,15 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
         for label, per_key in summary["focus"]["speedup_over"].items():
             rows3.append([label] + [_fmt_pair_speedup(per_key[k]) for k in keys])
         out += _table(["vs"] + [key_name(k) for k in keys], [":--"] + ["--:"] * len(keys), rows3)
+        out += ["", f"Paired over seeds (the seed is the unit): seeds where {focus} was faster / slower and the "
+                    "exact two-sided sign-test p; the geometric mean of the per-seed ratios with its 95% t "
+                    "interval and the t-test p on their logs. A lower-bound ratio enters at its bound (counted in "
+                    "'bounds'), which can only understate the speedup. With five seeds the sign test cannot go "
+                    "below p = 0.0625.", ""]
+        rows4 = [[label, key_name(k)] + _fmt_test(per_key[k]["test"])
+                 for label, per_key in summary["focus"]["speedup_over"].items() for k in keys]
+        out += _table(["vs", "target", "seeds", "faster / slower", "sign p", "geometric mean [95%]", "t p"],
+                      [":--", ":--"] + ["--:"] * 5, rows4)
     views = summary.get("clients") or {}
     shown = (summary.get("focus") or {}).get("method") or \
         next((m for m, v in views.items() if v["planned"]), next(iter(views), None))  # the planned method's table

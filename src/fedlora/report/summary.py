@@ -9,6 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from ..config import MEAN, InputError
 from .runs import ALL, Run, Target, _check_target, _number, target_keys, times_to_target
 
@@ -175,12 +177,44 @@ def speedups_over(summary: dict, focus: str) -> dict[str, dict[str, dict]]:
                 bound |= t_other[sd] is None
                 per_seed[sd] = {"ratio": theirs / t_focus[sd] if t_focus[sd] > 0 else math.inf,
                                 "at_least": t_other[sd] is None}
-            value = None
+            value, test = None, None
             if per_seed and not missed:
+                test = paired_test([v["ratio"] for v in per_seed.values()], [v["at_least"] for v in per_seed.values()])
                 num = statistics.fmean(t_other[sd] if t_other[sd] is not None else end_s[(label, sd)] for sd in per_seed)
                 den = statistics.fmean(t_focus[sd] for sd in per_seed)
                 value = num / den if den > 0 else math.inf
-            out[label][key] = {"value": value, "at_least": bound, "focus_missed": missed, "per_seed": per_seed}
+            out[label][key] = {"value": value, "at_least": bound, "focus_missed": missed, "per_seed": per_seed,
+                               "test": test}
+    return out
+
+
+def paired_test(ratios: Sequence[float], at_least: Sequence[bool] | None = None, level: float = 0.95) -> dict:
+    """Whether per-seed speedups T_other / T_focus say more than noise (the seed is the unit).
+
+    * sign test: seeds where focus was faster (ratio > 1) or slower (< 1), ties dropped, and
+      the exact two-sided binomial p. A lower-bound ratio (the other run missed the target)
+      counts only when its bound is above 1, where the direction is known.
+    * t on log ratios: the geometric mean ratio, its `level` interval and the two-sided p of
+      a one-sample t-test of the log ratios against 0. A lower bound enters at its bound,
+      which can only understate focus's speedup ('bounds' says how many).
+    With one seed (or all ratios equal) the t part is None.
+    """
+    from scipy import stats as st
+
+    r = np.asarray(ratios, dtype=np.float64)
+    lower = np.zeros(r.size, dtype=bool) if at_least is None else np.asarray(at_least, dtype=bool)
+    faster = int(np.sum(r > 1.0))
+    slower = int(np.sum((r < 1.0) & ~lower))
+    n_sign = faster + slower
+    out = {"seeds": int(r.size), "bounds": int(lower.sum()), "faster": faster, "slower": slower,
+           "sign_p": float(st.binomtest(faster, n_sign).pvalue) if n_sign else None,
+           "geometric_mean": float(np.exp(np.mean(np.log(r)))) if r.size and np.all(np.isfinite(r)) else None,
+           "interval": None, "t_p": None, "level": level}
+    logs = np.log(r) if r.size > 1 and np.all(np.isfinite(r)) and np.all(r > 0) else None
+    if logs is not None and np.ptp(logs) > 0:
+        res = st.ttest_1samp(logs, 0.0)
+        lo, hi = res.confidence_interval(level)
+        out.update(interval=[float(np.exp(lo)), float(np.exp(hi))], t_p=float(res.pvalue))
     return out
 
 
