@@ -90,6 +90,7 @@ def test_a_field_added_later_is_left_out_at_its_old_behaviour():
     assert validate(yaml.safe_load(dump_config(new))).data.dirichlet_draw == "per_client"
     assert not same_training(dump_config(old), dump_config(new))
     assert setting_key(old) != setting_key(new)
-    # the stored studies (results/experiments/settings/<key>) are still keyed by their config
+    # the stored 10-client studies (results/history/wave2/settings/<key>) are still keyed by their config
     root = Path(__file__).resolve().parents[1]
-    assert (root / "results/experiments/settings" / setting_key(load_config(root / "experiments/base.yaml"))).is_dir()
+    wave2 = load_config(root / "experiments/history/wave2/base.yaml")
+    assert (root / "results/history/wave2/settings" / setting_key(wave2)).is_dir()

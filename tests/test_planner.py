@@ -714,7 +714,7 @@ def test_constrained_fit_recovers_consistent_pilots():
     assert rms < 1e-5
 
 
-# seed 1's data shares of the state-of-the-art study (results/experiments/settings/985dd105b221)
+# seed 1's data shares of the state-of-the-art study (results/history/wave2/settings/985dd105b221)
 SEED1_SHARE = np.array([0.1665, 0.104, 0.1315, 0.0185, 0.0575, 0.1485, 0.0305, 0.011, 0.251, 0.081])
 
 

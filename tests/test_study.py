@@ -88,11 +88,11 @@ def test_bad_study_files(tmp_path):
 
 def test_shipped_studies_load_and_share_one_setting():
     keys = set()
-    for name in ("sampling", "rank", "sota"):
+    for name in ("online", "sampling", "rank", "sota"):
         spec, variants = load_study(ROOT / "experiments" / f"{name}.yaml")
         assert len(spec.seeds) >= 3
         keys |= {setting_key(cfg) for _, cfg in variants}
-    assert len(keys) == 1  # one reference, one set of targets and pilots for the three studies
+    assert len(keys) == 1  # one reference, one set of targets and pilots for the four studies
     spec, variants = load_study(ROOT / "experiments" / "sensitivity.yaml")
     assert len({setting_key(cfg) for _, cfg in variants}) == len(variants)
 
