@@ -402,6 +402,24 @@ def test_compare_two_methods_then_skip(tmp_path):
     one_line_error(result, "config.yaml", "train.lr")
 
 
+def test_compare_over_seeds_pairs_the_first_method_with_each_other(tmp_path):
+    out = tmp_path / "cmp"
+    overrides = ["train.rounds=1", "train.local_steps=1", "train.batch_size=2", "eval.every=1",
+                 "eval.max_examples=4", "eval.final_max_examples=4", "data.max_train_per_task=40"]
+    result = runner.invoke(app, ["compare", str(SMOKE), "-o", str(out), "--methods", "manual,fslora",
+                                 "--seeds", "0,1", "--target", "mean=0.99", "--quiet", *overrides])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["focus"]["method"] == "manual" and set(summary["focus"]["speedup_over"]) == {"fslora"}
+    cell = summary["focus"]["speedup_over"]["fslora"]["mean"]
+    assert cell["focus_missed"] and cell["test"] is None  # 0.99 is out of reach: no claim, no test
+    md = (out / "summary.md").read_text()
+    assert "## Speedup of manual over each method" in md and "Paired over seeds" in md
+    # one seed: no pairing
+    rp.report([out / "manual" / "seed0", out / "fslora" / "seed0"], out=tmp_path / "one", target=0.99)
+    assert "focus" not in json.loads((tmp_path / "one" / "summary.json").read_text())
+
+
 def test_compare_plans_skip_resume_restart(tmp_path):
     from fedlora.compare import parse_names, parse_seeds, plan_jobs
 

@@ -155,7 +155,8 @@ def compare(config: Path = typer.Argument(..., help="YAML run config shared by e
             baseline: Optional[str] = typer.Option(None, "--baseline", help="report speedups against this method"),
             quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
             overrides: Optional[list[str]] = OverridesArg):
-    """Run several methods on the same clients (one subfolder each, resumable) and write the report."""
+    """Run several methods on the same clients (one subfolder each, resumable) and write the report
+    (with two or more seeds: the first method's speedups over each other, paired by seed, tested)."""
     from .compare import compare as run_compare, parse_names, parse_seeds
     from .report import parse_target
 

@@ -93,7 +93,8 @@ def compare(cfg: RunConfig, out: str | Path, methods: Iterable[str] | None = Non
 
     With `seeds`, every method runs once per seed into OUT/<method>/seed<k>; the setup is built
     once per seed. Finished folders are skipped, interrupted ones resumed. Then the report
-    (summary.json, summary.md, plots) is written into OUT, unless write_report is False.
+    (summary.json, summary.md, plots) is written into OUT, unless write_report is False; with
+    two or more seeds it adds the first method's paired speedups and test (report --focus).
     """
     from . import simulate
     from .report import report
@@ -135,7 +136,9 @@ def compare(cfg: RunConfig, out: str | Path, methods: Iterable[str] | None = Non
         simulate.run(job.cfg, job.folder, resume=job.state == "resume", overwrite=job.state == "restart",
                      progress=progress, setup=setup)
     if write_report:
-        report([out], target=target, baseline=baseline)
+        # several seeds: the first method's speedup over each other, paired by seed, with its test
+        focus = names[0] if seeds is not None and len(seeds) > 1 else None
+        report([out], target=target, baseline=baseline, focus=focus)
     return [j.folder for j in jobs]
 
 

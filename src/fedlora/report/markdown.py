@@ -131,7 +131,7 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
         rows2.append([label] + [_fmt_stat(m["final_eval"][t]) for t in tasks] + [_fmt_stat(m["final_eval_mean"]),
                                                                                   reasons])
     out += _table(header2, [":--"] + ["--:"] * (len(tasks) + 1) + [":--"], rows2)
-    if summary.get("focus"):
+    if summary.get("focus") and keys:  # without a target there is no time to pair
         focus = summary["focus"]["method"]
         out += ["", f"## Speedup of {focus} over each method", "",
                 f"Mean time to target of the method / mean time of {focus}, over the seeds (per-seed range in "
