@@ -94,3 +94,6 @@ def test_a_field_added_later_is_left_out_at_its_old_behaviour():
     root = Path(__file__).resolve().parents[1]
     wave2 = load_config(root / "experiments/history/wave2/base.yaml")
     assert (root / "results/history/wave2/settings" / setting_key(wave2)).is_dir()
+    # and the 50-client studies' reference and targets by theirs
+    assert (root / "results/experiments/settings" / setting_key(load_config(root / "experiments/base.yaml"))
+            / "targets.json").is_file()
