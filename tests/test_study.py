@@ -86,6 +86,20 @@ def test_bad_study_files(tmp_path):
         load_study(write({"name": "x", "base": "nowhere.yaml", "methods": ["fslora"]}))
 
 
+def test_a_study_worker_stops_a_pilot_at_its_loss(tmp_path):
+    from fedlora.config import dump_config, load_config
+    from fedlora.study import _run_job
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml",
+                      ["train.rounds=6", "train.local_steps=1", "train.batch_size=2", "eval.every=6",
+                       "eval.max_examples=4", "eval.final_max_examples=4", "data.max_train_per_task=40"])
+    _run_job(dump_config(cfg), str(tmp_path / "pilot"), 1e9, 1)  # any loss is below 1e9
+    rows = [json.loads(ln) for ln in (tmp_path / "pilot" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["round"] == 3  # stopped once the 3-round loss window was full
+    _run_job(dump_config(cfg), str(tmp_path / "full"), None, 1)
+    assert json.loads((tmp_path / "full" / "result.json").read_text())["rounds"] == 6
+
+
 def test_shipped_studies_load_and_share_one_setting():
     keys = set()
     for name in ("online", "sampling", "rank", "sota"):

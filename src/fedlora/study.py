@@ -35,6 +35,7 @@ and the plots per study (and variant).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import math
@@ -198,12 +199,9 @@ def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) 
     torch.set_num_threads(threads)
     cfg = validate(yaml.safe_load(cfg_yaml), folder)
     folder = Path(folder)
-    stop = None
-    if stop_loss is not None:
-        from .pilot import loss_reached
+    from .pilot import loss_reached
 
-        def stop(rows):
-            return loss_reached(rows, stop_loss)
+    stop = None if stop_loss is None else functools.partial(loss_reached, target_loss=stop_loss)
     resume = has_checkpoint(folder)
     key = (_setup_key(cfg), cfg.seed)
     if _SETUP_CACHE.get("key") != key:  # same data, profiles and model: reuse the last setup of this process
