@@ -197,7 +197,8 @@ def paired_test(ratios: Sequence[float], at_least: Sequence[bool] | None = None,
     * t on log ratios: the geometric mean ratio, its `level` interval and the two-sided p of
       a one-sample t-test of the log ratios against 0. A lower bound enters at its bound,
       which can only understate focus's speedup ('bounds' says how many).
-    With one seed (or all ratios equal) the t part is None.
+    With one seed (or all ratios equal) the t part is None; with a ratio of 0 or infinity (a
+    time of 0) there is no geometric mean or t part.
     """
     from scipy import stats as st
 
@@ -206,12 +207,12 @@ def paired_test(ratios: Sequence[float], at_least: Sequence[bool] | None = None,
     faster = int(np.sum(r > 1.0))
     slower = int(np.sum((r < 1.0) & ~lower))
     n_sign = faster + slower
+    logs = np.log(r) if r.size and np.all(np.isfinite(r)) and np.all(r > 0) else None  # None: some ratio 0 or inf
     out = {"seeds": int(r.size), "bounds": int(lower.sum()), "faster": faster, "slower": slower,
            "sign_p": float(st.binomtest(faster, n_sign).pvalue) if n_sign else None,
-           "geometric_mean": float(np.exp(np.mean(np.log(r)))) if r.size and np.all(np.isfinite(r)) else None,
+           "geometric_mean": None if logs is None else float(np.exp(logs.mean())),
            "interval": None, "t_p": None, "level": level}
-    logs = np.log(r) if r.size > 1 and np.all(np.isfinite(r)) and np.all(r > 0) else None
-    if logs is not None and np.ptp(logs) > 0:
+    if logs is not None and logs.size > 1 and np.ptp(logs) > 0:
         res = st.ttest_1samp(logs, 0.0)
         lo, hi = res.confidence_interval(level)
         out.update(interval=[float(np.exp(lo)), float(np.exp(hi))], t_p=float(res.pvalue))
