@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlora.config import InputError
+from fedlora.config import InputError, load_config
 from fedlora.study import load_study, pilot_loss_from_reference, run_studies, setting_key, targets_from_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,23 @@ def test_smoke_study_end_to_end(tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, progress=False, log=lambda m: None)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+    # another study on the same setting with the same methods trains nothing either: its runs
+    # are copies of the finished ones, byte for byte, and say so
+    twin = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    twin.update(name="twin", base=str(ROOT / "configs" / "smoke.yaml"))
+    (tmp_path / "twin.yaml").write_text(yaml.safe_dump(twin))
+    lines = []
+    run_studies([tmp_path / "twin.yaml"], out, workers=1, progress=False, log=lines.append)
+    assert {p: p.stat().st_mtime_ns for p in (out / "smoke").rglob("result.json")} == {
+        p: t for p, t in stamps.items() if (out / "smoke") in p.parents}
+    for m in spec.methods:
+        mine, theirs = out / "twin" / m / "seed0", out / "smoke" / m / "seed0"
+        for name in ("result.json", "metrics.jsonl", "config.yaml"):
+            assert (mine / name).read_bytes() == (theirs / name).read_bytes()
+        assert (mine / (mine / "same_run_as.txt").read_text().strip()).resolve() == theirs.resolve()
+        assert not (mine / "checkpoint").exists()
+    assert any("the same run as" in ln for ln in lines)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
 
     # a method that cannot plan fails alone (workers=1 runs in this process, so the planner can
     # be made to refuse here): the study raises after the summaries, which name the failed run
@@ -154,6 +171,32 @@ def test_smoke_study_end_to_end(tmp_path, monkeypatch):
     md = (out / "smoke" / "summary.md").read_text()
     assert "Runs that failed" in md and "smoke proposed_s seed 0: " in md and "refused by the test" in md
     assert json.loads((out / "smoke" / "summary.json").read_text())["failed"][0].startswith("smoke proposed_s seed 0: ")
+
+
+def test_same_runs_train_once(tmp_path):
+    from fedlora.config import dump_config
+    from fedlora.study import Job, _same_runs
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    other = cfg.model_copy(deep=True)
+    other.seed = cfg.seed + 1
+    a, b, c = (Job("method", x, tmp_path / name) for x, name in ((cfg, "a"), (cfg.model_copy(deep=True), "b"),
+                                                                   (other, "c")))
+    run, copies = _same_runs([a, b, c], tmp_path)
+    assert run == [a, c] and copies == [(b, tmp_path / "a")]
+    # a finished run elsewhere under OUT is the source for every job of its config
+    done = tmp_path / "old" / "run"
+    done.mkdir(parents=True)
+    (done / "config.yaml").write_text(dump_config(cfg))
+    (done / "result.json").write_text("{}")
+    run, copies = _same_runs([a, b, c], tmp_path)
+    assert run == [c] and copies == [(a, done), (b, done)]
+    # a job whose own folder holds a run of its config keeps it
+    b.folder.mkdir()
+    (b.folder / "config.yaml").write_text(dump_config(cfg))
+    (b.folder / "result.json").write_text("{}")
+    run, copies = _same_runs([a, b, c], tmp_path)
+    assert run == [b, c] and [j for j, _ in copies] == [a] and copies[0][1] in (done, b.folder)
 
 
 def test_cli_study_bad_input_exits_2(tmp_path):

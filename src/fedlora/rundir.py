@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from .config import RECORDING_ONLY, InputError, read_user_text
 
 __all__ = ["write_atomic", "read_rows", "time_to_target", "first_reaching", "target_reached", "run_status", "has_checkpoint",
-           "save_checkpoint", "load_checkpoint"]
+           "copy_run", "save_checkpoint", "load_checkpoint"]
 
 CHECKPOINT, CHECKPOINT_OLD, CHECKPOINT_TMP = "checkpoint", "checkpoint.old", "checkpoint.tmp"
 
@@ -141,22 +141,43 @@ def run_status(folder: Path, config_text: str) -> RunStatus:
     raise InputError(f"{folder}: exists and is not a run folder of this config; use another folder")
 
 
+def copy_run(src: Path, dst: Path) -> None:
+    """Copy the finished run folder `src` (its checkpoints left out) to `dst`, which must be
+    "new" or "restart" for the same config: the copy lands whole (a tmp folder, then one
+    rename) and says where it came from (same_run_as.txt)."""
+    src, dst = Path(src), Path(dst)
+    text = (src / "config.yaml").read_text()
+    if not (src / "result.json").exists():
+        raise InputError(f"{src}: not a finished run, nothing to copy")
+    if run_status(dst, text) not in ("new", "restart"):
+        raise InputError(f"{dst}: holds a run of its own; not replaced by a copy of {src}")
+    tmp = dst.with_name(dst.name + ".copy.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(CHECKPOINT, CHECKPOINT_OLD, CHECKPOINT_TMP))
+    (tmp / "same_run_as.txt").write_text(f"{os.path.relpath(src, dst)}\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
 def same_training(saved_text: str, config_text: str) -> bool:
     """Do two config texts (config.dump_config) train the same run?"""
-    import yaml
-
     if saved_text == config_text:
         return True
+    old = training_view(saved_text)
+    return old is not None and old == training_view(config_text)
+
+
+def training_view(config_text: str) -> dict | None:
+    """A config text (config.dump_config) reduced to what it trains (None if it is no config).
+    config.RECORDING_ONLY is left out: turning TensorBoard off on --resume is fine, and
+    folders made before such a section existed still match."""
+    import yaml
+
     try:
-        old, new = yaml.safe_load(saved_text), yaml.safe_load(config_text)
+        raw = yaml.safe_load(config_text)
     except yaml.YAMLError:
-        return False
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return False
-    # config.RECORDING_ONLY: turning TensorBoard off on --resume is fine, and folders made
-    # before such a section existed still match
-    return ({k: v for k, v in old.items() if k not in RECORDING_ONLY} ==
-            {k: v for k, v in new.items() if k not in RECORDING_ONLY})
+        return None
+    return {k: v for k, v in raw.items() if k not in RECORDING_ONLY} if isinstance(raw, dict) else None
 
 
 def first_difference(saved: Path, config_text: str) -> str:

@@ -28,7 +28,9 @@ setting (base + study overrides + variant overrides) the runner does, in this or
    `time_cap` x its simulated time (a method not there by then is "not reached").
 
 Jobs of one phase run in parallel worker processes (`workers`); finished run folders are
-skipped, so an interrupted study resumes. Then report.report writes summary.md, summary.json
+skipped, so an interrupted study resumes. A method run whose config is exactly that of another
+run of the call or of a finished run under OUT (two studies on one setting sharing a method)
+is trained once and copied (its folder says so in same_run_as.txt). Then report.report writes summary.md, summary.json
 and the plots per study (and variant).
 """
 
@@ -52,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import (ConstantsConfig, InputError, RunConfig, dump_config, load_config, read_user_file, training_dump,
                      validate)
-from .rundir import has_checkpoint, read_rows, run_status, write_atomic
+from .rundir import copy_run, has_checkpoint, read_rows, run_status, training_view, write_atomic
 
 EVAL_WINDOW = 3  # reference evaluations averaged into acc_ref
 
@@ -393,8 +395,15 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
                 jobs.append(Job("method", c, root / e.label / f"seed{seed}",
                                 label=f"{_study_label(spec.name, vname)} {e.label} seed {seed}"))
     jobs.sort(key=lambda j: j.cfg.seed)  # every study's seed 0 first: a cut-short study still has one seed
-    log(f"{len(jobs)} method run(s)")
+    jobs, copies = _same_runs(jobs, out)
+    log(f"{len(jobs)} method run(s)" + (f", {len(copies)} more the same as one of them or as a finished run" if copies else ""))
     runner.run(jobs)
+    for job, src in copies:
+        try:
+            copy_run(src, job.folder)
+            log(f"{job.label}: the same run as {src}, copied")
+        except (InputError, OSError) as e:  # its source failed (recorded) or cannot be read
+            runner.failures.append((job.label, f"the same run as {src}, which has no result: {e}"))
 
     summaries = {}
     for spec, vname, st, root in plan:
@@ -410,6 +419,31 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
             summaries[name] = report([root], target=target, baseline=None, focus=focus, failed=failed)
     _raise_failures(runner)
     return summaries
+
+
+def _same_runs(jobs: list[Job], out: Path) -> tuple[list[Job], list[tuple[Job, Path]]]:
+    """Jobs whose config trains exactly the run of another job or of a finished run under
+    `out` (the online and state-of-the-art studies share `proposed` and `fslora` on one
+    setting): (jobs to run, [(job, folder to copy once it has finished)]). Every run is
+    deterministic in its config and seed, so the copy is what a second run would write."""
+    def key(text: str) -> str:
+        return json.dumps(training_view(text), sort_keys=True, default=str)
+
+    source: dict[str, Path] = {}
+    for res in sorted(out.rglob("result.json")):
+        folder = res.parent
+        if (folder / "config.yaml").exists() and not (folder / "same_run_as.txt").exists():
+            source.setdefault(key((folder / "config.yaml").read_text()), folder)
+    run, copies = [], []
+    for j in jobs:
+        text = dump_config(j.cfg)
+        k = key(text)
+        if run_status(j.folder, text) in ("new", "restart") and source.get(k, j.folder) != j.folder:
+            copies.append((j, source[k]))
+        else:
+            source.setdefault(k, j.folder)
+            run.append(j)
+    return run, copies
 
 
 def _rule_fields(spec: StudySpec) -> tuple:
