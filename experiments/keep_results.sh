@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Keep the small files of a study folder under version control: finished runs (a folder
 # with result.json: config.yaml, metrics.jsonl, result.json, plan.json, clients.json,
-# data.json), settings/*/targets.json, pilots' constants.json and the study summaries and
+# data.json, same_run_as.txt for a copied run), settings/*/targets.json, pilots' constants.json and the study summaries and
 # plots. Checkpoints, adapters and unfinished runs are left out (an unfinished run starts
 # over next time; a finished one is skipped by `fedlora study`).
 #   bash experiments/keep_results.sh [runs/experiments] [results/experiments]
@@ -12,7 +12,7 @@ cd "$src"
 {
   find . -name result.json -not -path '*/checkpoint*' | while read -r f; do
     d=$(dirname "$f")
-    for n in config.yaml metrics.jsonl result.json plan.json clients.json data.json; do
+    for n in config.yaml metrics.jsonl result.json plan.json clients.json data.json same_run_as.txt; do
       [ -f "$d/$n" ] && echo "$d/$n"
     done
   done
