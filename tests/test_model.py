@@ -244,6 +244,28 @@ def test_frozen_prefix_cache_matches_full_forward():
         Engine(ModelSpec(EMBEDDED_MODEL, max_length=32, lora_layers=(5, 9)), rank=4, seed=0)
 
 
+def test_engines_of_one_model_share_their_caches():
+    """Another seed's engine (a study worker's next setting) shares the token and frozen-block
+    caches of the last one and scores exactly as a fresh engine; another tokenization or other
+    frozen weights do not share."""
+    spec = ModelSpec(EMBEDDED_MODEL, max_length=32, lora_layers=(5,))
+    a, b, c = (Engine(spec, rank=4, seed=s) for s in (0, 1, 1))
+    assert a.frozen_prefix == 5
+    a.scores(random_state(a, 3), scaling=2.0, questions=QS)
+    filled = len(a.scorer.prefix_cache)
+    assert filled == sum(len(q.options) for q in QS)
+    assert b.scorer.share_caches(a.scorer) and b.scorer.prefix_cache is a.scorer.prefix_cache
+    st = random_state(b, 4)
+    shared = b.scores(st, scaling=2.0, questions=QS)
+    assert len(a.scorer.prefix_cache) == filled  # nothing computed again
+    fresh = c.scores(st, scaling=2.0, questions=QS)
+    assert torch.equal(shared, fresh)
+    assert not Engine(ModelSpec(EMBEDDED_MODEL, max_length=24, lora_layers=(5,)), rank=4, seed=0).scorer.share_caches(a.scorer)
+    with torch.no_grad():
+        c.net.base_model.embeddings.word_embeddings.weight[0, 0] += 1.0
+    assert not c.scorer.share_caches(a.scorer) and c.scorer.prefix_cache is not a.scorer.prefix_cache
+
+
 def test_flops_per_step(engine):
     f8, f16 = engine.flops_per_step(8, QS), engine.flops_per_step(16, QS)
     assert f8 > 0 and f16 == pytest.approx(2 * f8)

@@ -125,9 +125,8 @@ def compare(cfg: RunConfig, out: str | Path, methods: Iterable[str] | None = Non
         if job.state == "finished":
             log(f"{tag}: skipped, finished ({job.folder})")
             continue
-        if setup_seed != job.seed:
-            setup = None  # free the previous seed's model before building the next
-            setup = build_setup(job.cfg)
+        if setup_seed != job.seed:  # the previous seed's frozen-block cache serves the next
+            setup = build_setup(job.cfg, reuse=setup)
             setup_seed = job.seed
         verb = {"resume": "resuming", "restart": "restarting", "new": "running"}[job.state]
         log(f"{tag}: {verb} -> {job.folder}")

@@ -87,6 +87,31 @@ class OptionScorer:
         self.seen_tokens = 0
         self.seen_samples = 0
 
+    def cache_key(self) -> str:
+        """What the token and prefix caches hold values of: the scorer's kind and tokenization,
+        and the frozen blocks with their weights (embeddings included). Scorers with one key
+        compute the same cached values (one pass per question), so they may share the caches."""
+        import hashlib
+
+        h = hashlib.sha256(repr((self.kind, self.score, self.max_length, self.frozen_prefix,
+                                 getattr(self.tokenizer, "name_or_path", ""), len(self.tokenizer))).encode())
+        if self.frozen_prefix:
+            base = self.net.base_model
+            for part in (base.embeddings, *base.encoder.layer[:self.frozen_prefix]):
+                for name, t in part.state_dict().items():
+                    h.update(name.encode())
+                    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def share_caches(self, other: "OptionScorer") -> bool:
+        """Use `other`'s token and prefix caches (the same dicts from now on) if it has this
+        scorer's cache_key: an engine for another seed of one setting then skips the frozen
+        blocks of every question `other` has seen. Returns whether it shares them."""
+        if other is self or other.cache_key() != self.cache_key():
+            return False
+        self.prefix_cache, self._tok_cache = other.prefix_cache, other._tok_cache
+        return True
+
     def _ids(self, texts: Sequence[str], special: bool = True) -> list[list[int]]:
         """Token ids per text, cached (truncated at max_length for the encoder)."""
         todo = [t for t in dict.fromkeys(texts) if (t, special) not in self._tok_cache]

@@ -207,8 +207,9 @@ def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) 
     resume = has_checkpoint(folder)
     key = (_setup_key(cfg), cfg.seed)
     if _SETUP_CACHE.get("key") != key:  # same data, profiles and model: reuse the last setup of this process
-        _SETUP_CACHE.clear()
-        _SETUP_CACHE.update(key=key, setup=build_setup(cfg))
+        last = _SETUP_CACHE.pop("setup", None)  # another setting or seed: its frozen-block cache may serve
+        _SETUP_CACHE.update(key=key, setup=build_setup(cfg, reuse=last))
+        del last
     return simulate.run(cfg, folder, resume=resume, overwrite=not resume, progress=False, stop_when=stop,
                         setup=_SETUP_CACHE["setup"])
 
@@ -240,9 +241,19 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 class Runner:
+    """Runs jobs in `workers` processes, one pool for all phases of a call: a worker keeps its
+    last setup (and the frozen-block cache its next setup shares) from the pilots to the
+    methods. close() ends the pool."""
+
     def __init__(self, workers: int, log: Callable[[str], None], progress: bool):
         self.workers, self.log, self.progress = max(1, workers), log, progress
         self.failures: list[tuple[str, str]] = []
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def run(self, jobs: list[Job]) -> None:
         todo = []
@@ -253,7 +264,7 @@ class Runner:
             return
         from tqdm.auto import tqdm
 
-        threads = max(1, (os.cpu_count() or 1) // min(self.workers, len(todo)))
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
         bar = tqdm(total=len(todo), disable=not self.progress, unit="run", dynamic_ncols=True,
                    desc=todo[0].kind + "s")
         if self.workers == 1:
@@ -261,14 +272,17 @@ class Runner:
                 self._one(j, lambda: _run_job(dump_config(j.cfg), str(j.folder), j.stop_loss, threads))
                 bar.update(1)
         else:
-            ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx,
-                                        initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-                futs = {pool.submit(_run_job, dump_config(j.cfg), str(j.folder), j.stop_loss, threads): j
-                        for j in todo}
-                for f in cf.as_completed(futs):
-                    self._one(futs[f], f.result)
-                    bar.update(1)
+            if self._pool is None:
+                self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                                    initializer=_exit_with_parent, initargs=(os.getpid(),))
+            futs = {self._pool.submit(_run_job, dump_config(j.cfg), str(j.folder), j.stop_loss, threads): j
+                    for j in todo}
+            for f in cf.as_completed(futs):
+                self._one(futs[f], f.result)
+                bar.update(1)
+            if any(isinstance(f.exception(), cf.process.BrokenProcessPool) for f in futs):  # a worker died (killed, out of memory): the next phase gets a new pool
+                self._pool.shutdown(wait=False)
+                self._pool = None
         bar.close()
 
     def _one(self, job: Job, call) -> None:
@@ -287,10 +301,18 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
     """Run the study files into OUT (shared references and pilots under OUT/settings/);
     returns {study name: report summary}. Raises InputError on bad input, RuntimeError when
     runs failed (after every other run is done and reported)."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    runner = Runner(workers, log, progress)
+    try:
+        return _run_studies(runner, paths, Path(out), seeds=seeds, overrides=overrides, log=log)
+    finally:
+        runner.close()
+
+
+def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: list[int] | None,
+                 overrides: list[str] | None, log: Callable[[str], None]) -> dict:
     from .report import MEAN, report
 
-    out = Path(out)
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     studies = []
     for p in paths:
         spec, variants = load_study(p, overrides)
@@ -310,7 +332,6 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
                 if _uses_pilots(entry_config(cfg, e)):
                     st.needs_pilot |= set(spec.seeds)
             plan.append((spec, vname, st, out / spec.name / vname if vname else out / spec.name))
-    runner = Runner(workers, log, progress)
 
     # 1. references
     ref_specs = {}
