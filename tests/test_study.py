@@ -100,6 +100,15 @@ def test_a_study_worker_stops_a_pilot_at_its_loss(tmp_path):
     assert json.loads((tmp_path / "full" / "result.json").read_text())["rounds"] == 6
 
 
+def test_run_studies_script_runs_every_shipped_study():
+    import re
+
+    script = (ROOT / "experiments" / "run_studies.sh").read_text()
+    named = set(re.findall(r"experiments/(\w+)\.yaml", script))
+    shipped = {p.stem for p in (ROOT / "experiments").glob("*.yaml")} - {"base", "smoke"}
+    assert named == shipped
+
+
 def test_shipped_studies_load_and_share_one_setting():
     keys = set()
     for name in ("online", "sampling", "rank", "sota"):
