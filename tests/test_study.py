@@ -160,6 +160,29 @@ def test_smoke_study_end_to_end(tmp_path, monkeypatch):
         assert (mine / (mine / "same_run_as.txt").read_text().strip()).resolve() == theirs.resolve()
         assert not (mine / "checkpoint").exists()
     assert any("the same run as" in ln for ln in lines)
+    # a method planned from pilots starts once its seed's pilots are done, with their constants
+    # (the pilots are not trained here: at this scale their fit is noise)
+    from fedlora import study as study_mod
+
+    real_run, pilots = study_mod._run_job, []
+
+    def pilots_skipped(cfg_yaml, folder, stop_loss, threads):
+        if stop_loss is not None:
+            pilots.append(folder)
+            return {}
+        assert len(pilots) == 4
+        return real_run(cfg_yaml, folder, stop_loss, threads)
+    monkeypatch.setattr(study_mod, "_run_job", pilots_skipped)
+    given = {"constants": {"alpha": 2.0, "beta": 1.0, "gamma": 0.1, "delta": 0.5}, "planning_time_s": 123.0}
+    monkeypatch.setattr(study_mod, "_constants", lambda st, seed, rule: given)
+    twin.update(name="piloted", methods=[{"label": "planned", "method": "proposed",
+                                         "overrides": ["planner.constants=pilots"]}])
+    (tmp_path / "piloted.yaml").write_text(yaml.safe_dump(twin))
+    run_studies([tmp_path / "piloted.yaml"], out, workers=1, progress=False, log=lambda m: None)
+    used = yaml.safe_load((out / "piloted" / "planned" / "seed0" / "config.yaml").read_text())["planner"]["constants"]
+    assert used["source"] == "pilots" and used["planning_time_s"] == 123.0
+    assert {k: used[k] for k in given["constants"]} == given["constants"]
+    assert len(pilots) == 4 and (out / "piloted" / "planned" / "seed0" / "result.json").exists()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
 
     # a method that cannot plan fails alone (workers=1 runs in this process, so the planner can
@@ -206,6 +229,41 @@ def test_same_runs_train_once(tmp_path):
     (b.folder / "result.json").write_text("{}")
     run, copies = _same_runs([a, b, c], tmp_path)
     assert run == [b, c] and [j for j, _ in copies] == [a] and copies[0][1] in (done, b.folder)
+
+
+def test_runner_goes_seed_by_seed_and_releases_waiting_runs(tmp_path, monkeypatch):
+    """A seed's pilots, then its methods, then what waited for its pilots, before the next
+    seed; a finished run is skipped but still releases what waited for it."""
+    from fedlora import study
+    from fedlora.config import dump_config
+    from fedlora.study import Job, Runner
+
+    ran = []
+    monkeypatch.setattr(study, "_run_job", lambda cfg_yaml, folder, *a: ran.append(Path(folder).name))
+    base = load_config(ROOT / "configs" / "smoke.yaml")
+
+    def job(kind, seed, name, group=None):
+        c = base.model_copy(deep=True)
+        c.seed = seed
+        return Job(kind, c, tmp_path / name, label=name, group=group)
+
+    jobs = [job("method", 1, "m1"), job("method", 0, "m0"), *(job("pilot", s, f"p{s}{x}", ("k", s))
+                                                              for s in (1, 0) for x in "ab")]
+    waiting = {("k", s): [job("method", s, f"w{s}")] for s in (0, 1)}
+    left = {("k", 0): 2, ("k", 1): 2}
+
+    def release(j):
+        if j.group is None:
+            return []
+        left[j.group] -= 1
+        return [] if left[j.group] else waiting[j.group]
+
+    done = jobs[2].folder  # p1a ran before (a finished folder of its config)
+    done.mkdir()
+    (done / "config.yaml").write_text(dump_config(jobs[2].cfg))
+    (done / "result.json").write_text("{}")
+    Runner(1, log=lambda m: None, progress=False).run(jobs, release)
+    assert ran == ["p0a", "p0b", "m0", "w0", "p1b", "m1", "w1"]
 
 
 def test_cli_study_bad_input_exits_2(tmp_path):

@@ -18,20 +18,23 @@ setting (base + study overrides + variant overrides) the runner does, in this or
      rounds.
    Both go to <setting>/targets.json and into every later run's config.yaml, before any of
    those runs starts: nothing is tuned after seeing the compared methods.
-2. Pilots (only for a method that plans with `planner.constants: pilots`): the 4 pilot
-   settings of `planner.pilot.settings` per seed, each stopped at the pilot loss; their rounds
-   give the constants (planner.estimate_constants), written to
-   <setting>/pilot/seed<k>/constants.json with their cost: the pilots' simulated time plus
-   the reference's (it set their stopping loss), which those runs count as planning time.
-3. Methods: every method and seed, with train.target_accuracy = the targets (the run stops
-   once every target is reached), at most `rounds_cap` x the reference's rounds and
-   `time_cap` x its simulated time (a method not there by then is "not reached").
+2. Pilots and methods, seed by seed (every study's seed 0 first, so a cut-short call leaves
+   whole seeds):
+   * pilots, only for a method that plans with `planner.constants: pilots`: the 4 pilot
+     settings of `planner.pilot.settings` per seed, each stopped at the pilot loss; their
+     rounds give the constants (planner.estimate_constants), written to
+     <setting>/pilot/seed<k>/constants.json with their cost: the pilots' simulated time plus
+     the reference's (it set their stopping loss), which those runs count as planning time;
+     such a method's run starts once its seed's pilots are done;
+   * methods: every method and seed, with train.target_accuracy = the targets (the run stops
+     once every target is reached), at most `rounds_cap` x the reference's rounds and
+     `time_cap` x its simulated time (a method not there by then is "not reached").
 
-Jobs of one phase run in parallel worker processes (`workers`); finished run folders are
-skipped, so an interrupted study resumes. A method run whose config is exactly that of another
-run of the call or of a finished run under OUT (two studies on one setting sharing a method)
-is trained once and copied (its folder says so in same_run_as.txt). Then report.report writes summary.md, summary.json
-and the plots per study (and variant).
+Jobs run in parallel worker processes (`workers`, one pool for the call); finished run
+folders are skipped, so an interrupted study resumes. A method run whose config is exactly
+that of another run of the call or of a finished run under OUT (two studies on one setting
+sharing a method) is trained once and copied (its folder says so in same_run_as.txt). Then
+report.report writes summary.md, summary.json and the plots per study (and variant).
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class Job:
     folder: Path
     stop_loss: float | None = None
     label: str = ""
+    group: tuple[str, int] | None = None  # a pilot's (setting key, seed)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -255,34 +259,56 @@ class Runner:
             self._pool.shutdown()
             self._pool = None
 
-    def run(self, jobs: list[Job]) -> None:
-        todo = []
-        for j in jobs:
-            if run_status(j.folder, dump_config(j.cfg)) != "finished":  # refuses another config's run
-                todo.append(j)
-        if not todo:
-            return
+    def run(self, jobs: list[Job], release: Callable[[Job], list[Job]] | None = None) -> None:
+        """Run `jobs` by seed (a seed's pilots before its methods), `workers` at a time; a
+        finished run folder is skipped. `release(job)`, called once a job is done or found
+        finished, returns jobs that waited for it; they join the queue in their seed's place."""
         from tqdm.auto import tqdm
 
+        def order(j: Job) -> tuple:
+            return j.cfg.seed, j.kind != "pilot"
+
+        def todo(js: list[Job]) -> int:  # refuses another config's run
+            return sum(run_status(j.folder, dump_config(j.cfg)) != "finished" for j in js)
+
+        queue = sorted(jobs, key=order)
+        bar = tqdm(total=todo(queue), disable=not self.progress, unit="run", dynamic_ncols=True,
+                   desc="references" if all(j.kind == "reference" for j in queue) else "runs")
         threads = max(1, (os.cpu_count() or 1) // self.workers)
-        bar = tqdm(total=len(todo), disable=not self.progress, unit="run", dynamic_ncols=True,
-                   desc=todo[0].kind + "s")
-        if self.workers == 1:
-            for j in todo:
-                self._one(j, lambda: _run_job(dump_config(j.cfg), str(j.folder), j.stop_loss, threads))
-                bar.update(1)
-        else:
-            if self._pool is None:
-                self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
-                                                    initializer=_exit_with_parent, initargs=(os.getpid(),))
-            futs = {self._pool.submit(_run_job, dump_config(j.cfg), str(j.folder), j.stop_loss, threads): j
-                    for j in todo}
-            for f in cf.as_completed(futs):
-                self._one(futs[f], f.result)
-                bar.update(1)
-            if any(isinstance(f.exception(), cf.process.BrokenProcessPool) for f in futs):  # a worker died (killed, out of memory): the next phase gets a new pool
-                self._pool.shutdown(wait=False)
-                self._pool = None
+
+        def done(j: Job) -> None:
+            new = release(j) if release else []
+            if new:
+                bar.total += todo(new)
+                bar.refresh()
+                queue.extend(new)
+                queue.sort(key=order)  # stable: released jobs keep their order within a seed
+
+        in_flight: dict[cf.Future, Job] = {}
+        while queue or in_flight:
+            while queue and len(in_flight) < self.workers:
+                j = queue.pop(0)
+                if run_status(j.folder, dump_config(j.cfg)) == "finished":
+                    done(j)
+                elif self.workers == 1:
+                    self._one(j, lambda: _run_job(dump_config(j.cfg), str(j.folder), j.stop_loss, threads))
+                    bar.update(1)
+                    done(j)
+                else:
+                    if self._pool is None:
+                        self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                                            initializer=_exit_with_parent, initargs=(os.getpid(),))
+                    in_flight[self._pool.submit(_run_job, dump_config(j.cfg), str(j.folder), j.stop_loss, threads)] = j
+            if in_flight:
+                finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    j = in_flight.pop(f)
+                    self._one(j, f.result)
+                    bar.update(1)
+                    if isinstance(f.exception(), cf.process.BrokenProcessPool) and self._pool is not None:
+                        self._pool.shutdown(wait=False)  # a worker died (killed, out of memory): a new pool
+                        self._pool = None
+                    done(j)
         bar.close()
 
     def _one(self, job: Job, call) -> None:
@@ -372,8 +398,9 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
         rules[key] = rule
         log(f"setting {key}: targets {rule['targets']}" + (f", no gain on {rule['no_gain']}" if rule["no_gain"] else ""))
 
-    # 2. pilots
-    jobs = []
+    # 2. pilots and methods, seed by seed (a cut-short call leaves whole seeds): a method
+    # planned from pilots waits for its seed's pilots and their constants
+    pilots = []
     for key, st in settings.items():
         cap = int(math.ceil(ref_specs[key].rounds_cap * rules[key]["reference_rounds"]))
         pc = pilot_config(st.cfg).model_copy(update={"target_loss": rules[key]["pilot_loss"], "target_accuracy": None,
@@ -382,22 +409,10 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
             for k, (q, s) in enumerate(pc.settings):
                 c = pilot_run_config(st.cfg, q, s, pc)
                 c.seed = seed
-                jobs.append(Job("pilot", c, st.folder / "pilot" / f"seed{seed}" / f"{k}_q{q:g}_s{s:g}",
-                                stop_loss=pc.target_loss, label=f"pilot {key} seed {seed} q={q:g} s={s:g}"))
-    if jobs:
-        log(f"{len(jobs)} pilot run(s)")
-        runner.run(jobs)
-    constants: dict[tuple[str, int], dict] = {}
-    for key, st in settings.items():
-        for seed in sorted(st.needs_pilot):
-            try:
-                constants[key, seed] = _constants(st, seed, rules[key])
-            except InputError as e:  # the planning methods of this seed fail; the others still run
-                runner.failures.append((f"constants {key} seed {seed}", str(e)))
-                log(f"FAILED constants {key} seed {seed}: {e}")
-
-    # 3. methods
-    jobs = []
+                pilots.append(Job("pilot", c, st.folder / "pilot" / f"seed{seed}" / f"{k}_q{q:g}_s{s:g}",
+                                  stop_loss=pc.target_loss, label=f"pilot {key} seed {seed} q={q:g} s={s:g}",
+                                  group=(key, seed)))
+    methods, waiting = [], {}
     for spec, vname, st, root in plan:
         rule = rules[st.key]
         for seed in spec.seeds:
@@ -407,18 +422,39 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
                 c.train.target_accuracy = dict(rule["targets"])
                 c.train.rounds = int(math.ceil(spec.rounds_cap * rule["reference_rounds"]))
                 c.train.max_sim_time_s = spec.time_cap * rule["reference_sim_time_s"]
+                job = Job("method", c, root / e.label / f"seed{seed}",
+                          label=f"{_study_label(spec.name, vname)} {e.label} seed {seed}")
                 if _uses_pilots(c):
-                    if (st.key, seed) not in constants:
-                        continue  # its pilots failed: recorded above
-                    found = constants[st.key, seed]
-                    c.planner.constants = ConstantsConfig(**found["constants"], source="pilots",
-                                                          planning_time_s=found["planning_time_s"])
-                jobs.append(Job("method", c, root / e.label / f"seed{seed}",
-                                label=f"{_study_label(spec.name, vname)} {e.label} seed {seed}"))
-    jobs.sort(key=lambda j: j.cfg.seed)  # every study's seed 0 first: a cut-short study still has one seed
-    jobs, copies = _same_runs(jobs, out)
-    log(f"{len(jobs)} method run(s)" + (f", {len(copies)} more the same as one of them or as a finished run" if copies else ""))
-    runner.run(jobs)
+                    waiting.setdefault((st.key, seed), []).append(job)
+                else:
+                    methods.append(job)
+    methods, copies = _same_runs(methods, out)
+    left = {}
+    for j in pilots:
+        left[j.group] = left.get(j.group, 0) + 1
+
+    def release(job: Job) -> list[Job]:
+        """After a seed's last pilot: its constants, then the methods planned from them."""
+        if job.group is None:
+            return []
+        left[job.group] -= 1
+        if left[job.group]:
+            return []
+        key, seed = job.group
+        try:
+            found = _constants(settings[key], seed, rules[key])
+        except InputError as e:  # the planning methods of this seed fail; the others still run
+            runner.failures.append((f"constants {key} seed {seed}", str(e)))
+            log(f"FAILED constants {key} seed {seed}: {e}")
+            return []
+        for j in waiting.get(job.group, []):
+            j.cfg.planner.constants = ConstantsConfig(**found["constants"], source="pilots",
+                                                      planning_time_s=found["planning_time_s"])
+        return waiting.get(job.group, [])
+
+    log(f"{len(pilots)} pilot run(s), {len(methods) + sum(map(len, waiting.values()))} method run(s)"
+        + (f", {len(copies)} more the same as one of them or as a finished run" if copies else ""))
+    runner.run(pilots + methods, release)
     for job, src in copies:
         try:
             copy_run(src, job.folder)
