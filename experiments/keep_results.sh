@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Keep the small files of a study folder under version control: finished runs (a folder
 # with result.json: config.yaml, metrics.jsonl, result.json, plan.json, clients.json,
-# data.json, same_run_as.txt for a copied run), settings/*/targets.json, pilots' constants.json and the study summaries and
-# plots. Checkpoints, adapters and unfinished runs are left out (an unfinished run starts
-# over next time; a finished one is skipped by `fedlora study`).
+# data.json, and same_run_as.txt for a copied run), settings/*/targets.json, pilots'
+# constants.json and the study summaries and plots. Checkpoints, adapters and unfinished runs
+# are left out (an unfinished run starts over next time; a finished one is skipped by
+# `fedlora study`).
 #   bash experiments/keep_results.sh [runs/experiments] [results/experiments]
 set -euo pipefail
 src=$(cd "${1:-runs/experiments}" && pwd)
