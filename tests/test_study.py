@@ -175,14 +175,20 @@ def test_smoke_study_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(study_mod, "_run_job", pilots_skipped)
     given = {"constants": {"alpha": 2.0, "beta": 1.0, "gamma": 0.1, "delta": 0.5}, "planning_time_s": 123.0}
     monkeypatch.setattr(study_mod, "_constants", lambda st, seed, rule: given)
+    # (and two entries of one config within a call: one trains, the other is its copy)
+    other_lr = {"method": "fslora", "overrides": ["train.lr=0.0123"]}
     twin.update(name="piloted", methods=[{"label": "planned", "method": "proposed",
-                                         "overrides": ["planner.constants=pilots"]}])
+                                         "overrides": ["planner.constants=pilots"]},
+                                        {"label": "lr_a", **other_lr}, {"label": "lr_b", **other_lr}])
     (tmp_path / "piloted.yaml").write_text(yaml.safe_dump(twin))
     run_studies([tmp_path / "piloted.yaml"], out, workers=1, progress=False, log=lambda m: None)
     used = yaml.safe_load((out / "piloted" / "planned" / "seed0" / "config.yaml").read_text())["planner"]["constants"]
     assert used["source"] == "pilots" and used["planning_time_s"] == 123.0
     assert {k: used[k] for k in given["constants"]} == given["constants"]
     assert len(pilots) == 4 and (out / "piloted" / "planned" / "seed0" / "result.json").exists()
+    a, b = out / "piloted" / "lr_a" / "seed0", out / "piloted" / "lr_b" / "seed0"
+    assert (b / "result.json").read_bytes() == (a / "result.json").read_bytes()
+    assert (b / (b / "same_run_as.txt").read_text().strip()).resolve() == a.resolve()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
 
     # a method that cannot plan fails alone (workers=1 runs in this process, so the planner can

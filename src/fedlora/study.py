@@ -433,8 +433,22 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
     for j in pilots:
         left[j.group] = left.get(j.group, 0) + 1
 
+    copies_of: dict[Path, list[Job]] = {}
+    for job, src in copies:
+        copies_of.setdefault(src, []).append(job)
+
+    def copy(src: Path) -> None:
+        for job in copies_of.pop(src, []):
+            try:
+                copy_run(src, job.folder)
+                log(f"{job.label}: the same run as {src}, copied")
+            except (InputError, OSError) as e:  # its source failed (recorded) or cannot be read
+                runner.failures.append((job.label, f"the same run as {src}, which has no result: {e}"))
+
     def release(job: Job) -> list[Job]:
-        """After a seed's last pilot: its constants, then the methods planned from them."""
+        """After a run: its copies; after a seed's last pilot: its constants, then the
+        methods planned from them."""
+        copy(job.folder)
         if job.group is None:
             return []
         left[job.group] -= 1
@@ -454,13 +468,9 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
 
     log(f"{len(pilots)} pilot run(s), {len(methods) + sum(map(len, waiting.values()))} method run(s)"
         + (f", {len(copies)} more the same as one of them or as a finished run" if copies else ""))
+    for src in [p for p in copies_of if p not in {j.folder for j in methods}]:
+        copy(src)  # finished runs of an earlier call
     runner.run(pilots + methods, release)
-    for job, src in copies:
-        try:
-            copy_run(src, job.folder)
-            log(f"{job.label}: the same run as {src}, copied")
-        except (InputError, OSError) as e:  # its source failed (recorded) or cannot be read
-            runner.failures.append((job.label, f"the same run as {src}, which has no result: {e}"))
 
     summaries = {}
     for spec, vname, st, root in plan:
