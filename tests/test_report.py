@@ -501,3 +501,22 @@ def test_speedups_over_focus_paired_by_seed(tmp_path):
     assert s["focus"]["speedup_over"]["fslora"][A]["focus_missed"]
     with pytest.raises(InputError, match="focus method 'nope'"):
         rp.summarize([rp.load_run(p) for p in rp.find_runs([tmp_path])], focus="nope")
+
+
+def test_plan_trace_reads_a_kept_run():
+    """experiments/plan_trace.py on a kept planned run: its counts are the metrics file's."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("plan_trace", root / "experiments" / "plan_trace.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    folder = root / "results" / "history" / "wave2" / "sota" / "proposed" / "seed4"
+    rows = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    s = tool.summary(folder, target=0.2)
+    assert s["rounds"] == len(rows) - 1 and s["sim_time_s"] == rows[-1]["sim_time_s"]
+    assert s["participants_mean"] == pytest.approx(sum(len(r["participants"]) for r in rows[1:]) / (len(rows) - 1))
+    assert s["time_to_mean_target_s"] == 0.0  # round 0's evaluation is already above 0.2
+    plans = tool.plans(folder)
+    assert [p["round"] for p in plans] == [r["round"] for r in rows if "plan" in r]
+    assert plans[0]["clients_at_floor"] == 2  # two of the ten clients at q = 0.05 in the first plan
