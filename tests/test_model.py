@@ -254,16 +254,17 @@ def test_engines_of_one_model_share_their_caches():
     a.scores(random_state(a, 3), scaling=2.0, questions=QS)
     filled = len(a.scorer.prefix_cache)
     assert filled == sum(len(q.options) for q in QS)
-    assert b.scorer.share_caches(a.scorer) and b.scorer.prefix_cache is a.scorer.prefix_cache
+    assert b.scorer.adopt_caches(a.scorer.caches()) and b.scorer.prefix_cache is a.scorer.prefix_cache
     st = random_state(b, 4)
     shared = b.scores(st, scaling=2.0, questions=QS)
     assert len(a.scorer.prefix_cache) == filled  # nothing computed again
     fresh = c.scores(st, scaling=2.0, questions=QS)
     assert torch.equal(shared, fresh)
-    assert not Engine(ModelSpec(EMBEDDED_MODEL, max_length=24, lora_layers=(5,)), rank=4, seed=0).scorer.share_caches(a.scorer)
+    assert not Engine(ModelSpec(EMBEDDED_MODEL, max_length=24, lora_layers=(5,)), rank=4, seed=0).scorer.adopt_caches(
+        a.scorer.caches())
     with torch.no_grad():
         c.net.base_model.embeddings.word_embeddings.weight[0, 0] += 1.0
-    assert not c.scorer.share_caches(a.scorer) and c.scorer.prefix_cache is not a.scorer.prefix_cache
+    assert not c.scorer.adopt_caches(a.scorer.caches()) and c.scorer.prefix_cache is not a.scorer.prefix_cache
 
 
 def test_flops_per_step(engine):

@@ -126,7 +126,9 @@ def compare(cfg: RunConfig, out: str | Path, methods: Iterable[str] | None = Non
             log(f"{tag}: skipped, finished ({job.folder})")
             continue
         if setup_seed != job.seed:  # the previous seed's frozen-block cache serves the next
-            setup = build_setup(job.cfg, reuse=setup)
+            caches = None if setup is None else setup.engine.scorer.caches()
+            setup = None  # free the previous seed's model before building the next
+            setup = build_setup(job.cfg, caches=caches)
             setup_seed = job.seed
         verb = {"resume": "resuming", "restart": "restarting", "new": "running"}[job.state]
         log(f"{tag}: {verb} -> {job.folder}")

@@ -20,6 +20,7 @@ first (a run's numbers then do not depend on what ran before it on the same engi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -75,6 +76,14 @@ def _run_blocks(net: torch.nn.Module, h: Tensor, attention_mask: Tensor, blocks)
     return h
 
 
+@dataclass
+class ScorerCaches:
+    """An OptionScorer's caches (OptionScorer.caches / adopt_caches)."""
+    key: str
+    prefix: dict
+    tokens: dict
+
+
 class OptionScorer:
     def __init__(self, net: torch.nn.Module, tokenizer, *, kind: str, max_length: int, score: str,
                  device: torch.device, frozen_prefix: int = 0):
@@ -103,13 +112,18 @@ class OptionScorer:
                     h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
-    def share_caches(self, other: "OptionScorer") -> bool:
-        """Use `other`'s token and prefix caches (the same dicts from now on) if it has this
-        scorer's cache_key: an engine for another seed of one setting then skips the frozen
-        blocks of every question `other` has seen. Returns whether it shares them."""
-        if other is self or other.cache_key() != self.cache_key():
+    def caches(self) -> ScorerCaches:
+        """The token and prefix caches with their cache_key, without the model (so a caller
+        can free the model and hand the caches to the next engine)."""
+        return ScorerCaches(self.cache_key(), self.prefix_cache, self._tok_cache)
+
+    def adopt_caches(self, caches: ScorerCaches) -> bool:
+        """Use `caches` (the same dicts from now on) if they have this scorer's cache_key: an
+        engine for another seed of one setting then skips the frozen blocks of every question
+        seen before. Returns whether it took them."""
+        if caches.key != self.cache_key():
             return False
-        self.prefix_cache, self._tok_cache = other.prefix_cache, other._tok_cache
+        self.prefix_cache, self._tok_cache = caches.prefix, caches.tokens
         return True
 
     def _ids(self, texts: Sequence[str], special: bool = True) -> list[list[int]]:

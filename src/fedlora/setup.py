@@ -16,6 +16,7 @@ from .config import InputError, RunConfig, read_user_file
 from .data import DataError, Question, load_tasks, partition, subsample
 from .methods import MethodContext
 from .model import Engine, ModelError, ModelSpec
+from .scoring import ScorerCaches
 from .sketch import payload_values as rank_payload_values
 from .streams import STREAM_BATCH, STREAM_DATA, STREAM_EVAL, STREAM_PROFILES, training_entropy
 from .system import ClientProfile, channel_profiles, generate_profiles
@@ -127,10 +128,10 @@ def make_profiles(cfg: RunConfig, engine: Engine, sample: list[Question]) -> lis
                             reference_bandwidth_hz=cfg.system.bandwidth_hz / max(1, n))
 
 
-def build_setup(cfg: RunConfig, reuse: Setup | None = None) -> Setup:
+def build_setup(cfg: RunConfig, caches: ScorerCaches | None = None) -> Setup:
     """Load data, partition it, build the model and the client profiles. Raises InputError.
-    `reuse`: an earlier setup (another seed, say) whose scorer caches the new engine shares
-    where they hold the same values (OptionScorer.share_caches)."""
+    `caches`: an earlier engine's scorer caches (another seed, say), taken where they hold the
+    same values (OptionScorer.adopt_caches)."""
     try:
         tasks = load_tasks(Path(cfg.data.dir) if cfg.data.dir else None, cfg.data.tasks,
                            carve_fraction=cfg.data.carve_fraction)
@@ -167,8 +168,8 @@ def build_setup(cfg: RunConfig, reuse: Setup | None = None) -> Setup:
         engine = Engine(model_spec(cfg), rank=cfg.lora.rank, seed=cfg.seed)
     except ModelError as e:
         raise InputError(f"model.name_or_path: {e}") from None
-    if reuse is not None:
-        engine.scorer.share_caches(reuse.engine.scorer)
+    if caches is not None:
+        engine.scorer.adopt_caches(caches)
     profiles = make_profiles(cfg, engine, train[:256])
     return Setup(cfg=cfg, train=train, client_indices=clients, eval_questions=eval_qs, final_questions=final_qs,
                  profiles=profiles, engine=engine, data_report=report)

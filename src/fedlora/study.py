@@ -212,8 +212,9 @@ def _run_job(cfg_yaml: str, folder: str, stop_loss: float | None, threads: int) 
     key = (_setup_key(cfg), cfg.seed)
     if _SETUP_CACHE.get("key") != key:  # same data, profiles and model: reuse the last setup of this process
         last = _SETUP_CACHE.pop("setup", None)  # another setting or seed: its frozen-block cache may serve
-        _SETUP_CACHE.update(key=key, setup=build_setup(cfg, reuse=last))
-        del last
+        caches = None if last is None else last.engine.scorer.caches()
+        del last  # free its model before building the next
+        _SETUP_CACHE.update(key=key, setup=build_setup(cfg, caches=caches))
     return simulate.run(cfg, folder, resume=resume, overwrite=not resume, progress=False, stop_when=stop,
                         setup=_SETUP_CACHE["setup"])
 
