@@ -14,7 +14,7 @@ cd "$src"
   find . -name result.json -not -path '*/checkpoint*' | while read -r f; do
     d=$(dirname "$f")
     for n in config.yaml metrics.jsonl result.json plan.json clients.json data.json same_run_as.txt; do
-      [ -f "$d/$n" ] && echo "$d/$n"
+      if [ -f "$d/$n" ]; then echo "$d/$n"; fi
     done
   done
   find . \( -name targets.json -o -name constants.json -o -name 'summary.md' -o -name 'summary.json' \

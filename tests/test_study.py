@@ -109,6 +109,31 @@ def test_run_studies_script_runs_every_shipped_study():
     assert named == shipped
 
 
+def test_keep_results_keeps_finished_runs_and_targets(tmp_path):
+    """experiments/keep_results.sh: a finished run's small files (a copied run's note too),
+    every targets.json; not checkpoints nor unfinished runs."""
+    import subprocess
+
+    src, dst = tmp_path / "runs", tmp_path / "kept"
+    done, copied, running = src / "s" / "a" / "seed0", src / "s" / "b" / "seed0", src / "s" / "c" / "seed0"
+    for d in (done, copied, running):
+        (d / "checkpoint").mkdir(parents=True)
+        for n in ("config.yaml", "metrics.jsonl", "checkpoint/progress.json"):
+            (d / n).write_text("x")
+    for d in (done, copied):
+        (d / "result.json").write_text("{}")
+    (copied / "same_run_as.txt").write_text("../../a/seed0\n")
+    (src / "settings" / "k").mkdir(parents=True)
+    (src / "settings" / "k" / "targets.json").write_text("{}")
+    res = subprocess.run(["bash", str(ROOT / "experiments" / "keep_results.sh"), str(src), str(dst)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    kept = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert kept == ["s/a/seed0/config.yaml", "s/a/seed0/metrics.jsonl", "s/a/seed0/result.json",
+                    "s/b/seed0/config.yaml", "s/b/seed0/metrics.jsonl", "s/b/seed0/result.json",
+                    "s/b/seed0/same_run_as.txt", "settings/k/targets.json"]
+
+
 def test_shipped_studies_load_and_share_one_setting():
     keys = set()
     for name in ("online", "sampling", "rank", "sota"):
