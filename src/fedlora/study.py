@@ -39,6 +39,7 @@ report.report writes summary.md, summary.json and the plots per study (and varia
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import functools
 import hashlib
@@ -430,9 +431,7 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
                 else:
                     methods.append(job)
     methods, copies = _same_runs(methods, out)
-    left = {}
-    for j in pilots:
-        left[j.group] = left.get(j.group, 0) + 1
+    left = collections.Counter(j.group for j in pilots)  # pilots still to finish per (setting, seed)
 
     copies_of: dict[Path, list[Job]] = {}
     for job, src in copies:
