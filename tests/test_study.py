@@ -148,8 +148,16 @@ def test_shipped_studies_load_and_share_one_setting():
 @pytest.mark.slow
 def test_smoke_study_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "study"
-    summaries = run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, progress=False, log=lambda m: None)
     spec, _ = load_study(ROOT / "experiments" / "smoke.yaml")
+    with pytest.raises(InputError, match="--methods: nope not in the studies"):
+        run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, methods=["fslora", "nope"], progress=False)
+    assert not out.exists()
+    # --methods: only those run; a later call adds the others
+    run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, methods=["fslora"], progress=False,
+                log=lambda m: None)
+    assert (out / "smoke" / "fslora" / "seed0" / "result.json").exists() and not (out / "smoke" / "proposed").exists()
+    assert "fslora" in (out / "smoke" / "summary.md").read_text()
+    summaries = run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, progress=False, log=lambda m: None)
     (setting,) = list((out / "settings").iterdir())
     rule = json.loads((setting / "targets.json").read_text())
     assert rule["targets"] == spec.targets

@@ -178,10 +178,12 @@ def study(studies: list[Path] = typer.Argument(..., help="study files (experimen
           out: Path = typer.Option(Path("runs/experiments"), "-o", "--out", help="study folder (resumable)"),
           workers: int = typer.Option(1, "--workers", help="runs in parallel (worker processes)"),
           seeds: Optional[str] = typer.Option(None, "--seeds", help="0,1: replace every study's seeds"),
+          methods: Optional[str] = typer.Option(None, "--methods", help="fslora,hetlora: run only these method "
+                                                "labels (default: all; a later call adds the others)"),
           quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
           overrides: Optional[list[str]] = typer.Option(None, "--set", help="override for every run, e.g. train.rounds=5")):
     """Run studies: reference, targets fixed from it, pilots, then every method and seed; write the reports."""
-    from .compare import parse_seeds
+    from .compare import parse_names, parse_seeds
     from .study import run_studies
 
     if workers < 1:
@@ -190,6 +192,7 @@ def study(studies: list[Path] = typer.Argument(..., help="study files (experimen
     log = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     try:
         summaries = run_studies(studies, out, workers=workers, seeds=parse_seeds(seeds), overrides=overrides or [],
+                                methods=parse_names(methods),
                                 progress=not quiet, log=log)
     except RuntimeError as e:  # some runs failed: the others finished and are reported
         typer.echo(str(e), err=True)

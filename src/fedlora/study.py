@@ -324,21 +324,23 @@ class Runner:
 
 # ----------------------------------------------------------------------------- the study
 def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, seeds: list[int] | None = None,
-                overrides: list[str] | None = None, progress: bool = True,
+                overrides: list[str] | None = None, methods: list[str] | None = None, progress: bool = True,
                 log: Callable[[str], None] | None = None) -> dict:
     """Run the study files into OUT (shared references and pilots under OUT/settings/);
-    returns {study name: report summary}. Raises InputError on bad input, RuntimeError when
-    runs failed (after every other run is done and reported)."""
+    returns {study name: report summary}. `methods`: only the entries with these labels run
+    (the others are left for a later call; the summaries cover every finished run). Raises
+    InputError on bad input, RuntimeError when runs failed (after every other run is done
+    and reported)."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     runner = Runner(workers, log, progress)
     try:
-        return _run_studies(runner, paths, Path(out), seeds=seeds, overrides=overrides, log=log)
+        return _run_studies(runner, paths, Path(out), seeds=seeds, overrides=overrides, only=methods, log=log)
     finally:
         runner.close()
 
 
 def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: list[int] | None,
-                 overrides: list[str] | None, log: Callable[[str], None]) -> dict:
+                 overrides: list[str] | None, only: list[str] | None, log: Callable[[str], None]) -> dict:
     from .report import MEAN, report
 
     studies = []
@@ -350,6 +352,13 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
     names = [s.name for s, _ in studies]
     if len(set(names)) != len(names):
         raise InputError(f"study names must differ: {', '.join(names)}")
+    labels = {e.label for spec, _ in studies for e in method_entries(spec)}
+    if only is not None and set(only) - labels:
+        raise InputError(f"--methods: {', '.join(sorted(set(only) - labels))} not in the studies "
+                         f"(their methods: {', '.join(sorted(labels))})")
+    chosen = labels if only is None else set(only)
+    if only is not None:  # a study with none of them is not run (nor its reference)
+        studies = [(spec, v) for spec, v in studies if any(e.label in chosen for e in method_entries(spec))]
     settings: dict[str, Setting] = {}
     plan = []  # (spec, variant, setting, method folder root)
     for spec, variants in studies:
@@ -357,7 +366,7 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
             key = setting_key(cfg)
             st = settings.setdefault(key, Setting(key, cfg, out / "settings" / key))
             for e in method_entries(spec):
-                if _uses_pilots(entry_config(cfg, e)):
+                if e.label in chosen and _uses_pilots(entry_config(cfg, e)):
                     st.needs_pilot |= set(spec.seeds)
             plan.append((spec, vname, st, out / spec.name / vname if vname else out / spec.name))
 
@@ -419,6 +428,8 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
         rule = rules[st.key]
         for seed in spec.seeds:
             for e in method_entries(spec):
+                if e.label not in chosen:
+                    continue
                 c = entry_config(st.cfg, e)
                 c.seed = seed
                 c.train.target_accuracy = dict(rule["targets"])
