@@ -16,7 +16,9 @@ Targets: N = 50 under 2 s, N = 1000 under 60 s.
 Then one online re-plan (methods/proposed.py): a rounds model of the online form (per-client
 weights omega ~ 5 e^{N(0, 0.5)}, the fixed-step model at the prior rho, relaxed Appendix C as
 online plans use, docs/theory.md section 8), planned cold, then the weights moved by up to 20 % (the estimates moved) and re-planned warm from the
-previous plan without the surrogate line search, as the method does. Prints its wall time and
+previous plan without the surrogate line search, as the method does, with the method's two guards
+(the trust region q >= q_in_force / 2 and the upload term scaled by the exposed share measured at
+the plan in force, docs/theory.md 8.7; both inside the timed re-plan). Prints its wall time and
 its objective over a cold plan of the moved model (1.000 = as good, below 1 = better). Targets: N = 50 under
 0.5 s, N = 1000 under 2 s.
 
@@ -32,7 +34,7 @@ import numpy as np
 import dataclasses
 
 from fedlora.online import STEP_RATIO_PRIOR, fixed_step_model
-from fedlora.planner import BoundConstants, PlanProblem, objective, plan, q_lower_bound
+from fedlora.planner import BoundConstants, PlanProblem, objective, plan, q_lower_bound, upload_exposed_fraction
 from fedlora.system import ComputeModel, generate_profiles
 
 RANK = 16
@@ -100,10 +102,13 @@ def replan() -> None:
             moved = dataclasses.replace(pr, constants=fixed_step_model(base.data_share,
                                                                        omega * rng.uniform(0.8, 1.2, n), rho))
             t0 = time.perf_counter()
-            warm = plan(moved, start=(first.participation_prob, first.ranks), grid_points=0)
+            guarded = dataclasses.replace(moved, min_participation=np.maximum(0.05, first.participation_prob / 2),
+                                          upload_exposed_fraction=upload_exposed_fraction(
+                                              first.participation_prob, first.sketch_ratio, moved))
+            warm = plan(guarded, start=(first.participation_prob, first.ranks), grid_points=0)
             dt = time.perf_counter() - t0
             t0 = time.perf_counter()
-            cold = plan(moved)
+            cold = plan(guarded)
             dc = time.perf_counter() - t0
             print(f"{n:>5} {seed:>4} {dt:>8.3f} {dc:>7.2f} {warm.objective / cold.objective:>21.4f}", flush=True)
 

@@ -1,7 +1,10 @@
 """What a run's rounds looked like and, for a planned method, what its plans expected: one line
 per run folder (rounds, participants, round time, time to the mean target) and, with
 --plans, every plan (expected participants, sum p_i^2 omega_i, rho, predicted rounds factor,
-expected round time). Reads run folders only (metrics.jsonl, clients.json, config.yaml).
+expected round time) and, with --replan, what the current planner (docs/theory.md 8.7: the
+trust region and the exposed-upload share) would have planned from each recorded estimate,
+the plan before it taken as the plan in force. Reads run folders only (metrics.jsonl,
+clients.json, config.yaml).
 
 A scouting tool for the analysis on docs/results.md (e.g. why a method is slower on one
 variant than on another), not a compared run:
@@ -19,6 +22,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from fedlora.config import load_config
+from fedlora.methods.base import compute_model
+from fedlora.methods.proposed import PARTICIPATION_STEP
+from fedlora.online import fixed_step_model
+from fedlora.planner import PlanProblem, monte_carlo_round_time_s, plan, upload_exposed_fraction
 from fedlora.rundir import read_rows, time_to_target
 
 
@@ -51,11 +59,51 @@ def plans(folder: Path) -> list[dict]:
     return out
 
 
+def replans(folder: Path) -> list[dict]:
+    """Each recorded online plan re-made by the current planner from the same estimates (relative
+    energies, rho), the previous recorded plan in force (q = s = 1 before the first)."""
+    cfg = load_config(folder / "config.yaml")
+    clients = json.loads((folder / "clients.json").read_text())
+    share = np.array([c["data_share"] for c in clients])
+    eff = np.array([c["bits_per_s_per_hz"] for c in clients])
+    bits = np.array([c["upload_bits"] for c in clients])
+    sys_ = cfg.system
+    eff_dl = eff if sys_.downlink_bits_per_s_per_hz is None else np.full(eff.size, sys_.downlink_bits_per_s_per_hz)
+
+    def problem(model, floor=1e-6, exposed=1.0) -> PlanProblem:
+        return PlanProblem(data_share=share, compute_time_s=np.array([c["compute_time_s"] for c in clients]),
+                           upload_s_hz=bits / eff, bandwidth_hz=sys_.bandwidth_hz, rank=cfg.lora.rank,
+                           compute_model=compute_model(cfg), constants=model, pin_large_clients=True,
+                           min_participation=floor, download_s=bits / (sys_.downlink_band_hz * eff_dl),
+                           upload_exposed_fraction=exposed)
+
+    out, q_now, k_now = [], np.ones(share.size), np.full(share.size, cfg.lora.rank)
+    first = True
+    for r in read_rows(folder):
+        p = r.get("plan")
+        if not p or "relative_energy" not in p:
+            continue
+        model = fixed_step_model(share, p["relative_energy"], p["step_ratio"], cfg.planner.online.sketch_exponent)
+        s_now = k_now / cfg.lora.rank
+        floor = np.maximum(cfg.planner.online.min_participation, q_now / PARTICIPATION_STEP)
+        pr = problem(model, floor, upload_exposed_fraction(q_now, s_now, problem(model)))
+        new = plan(pr) if first else plan(pr, start=(q_now, k_now), grid_points=0)
+        true_t = monte_carlo_round_time_s(new.participation_prob, new.sketch_ratio, pr, rounds=400, seed=1)[0]
+        out.append({"round": p["round"], "recorded_participants": p["expected_participants"],
+                    "replanned_participants": float(new.participation_prob.sum()),
+                    "upload_exposed_fraction": pr.upload_exposed_fraction,
+                    "replanned_round_time_s": new.expected_round_time_s, "true_round_time_s": true_t,
+                    "replanned_mean_rank": float(new.ranks.mean())})
+        q_now, k_now, first = np.asarray(p["participation_prob"]), np.asarray(p["ranks"]), False
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--target", type=float, help="mean-accuracy target")
     ap.add_argument("--plans", action="store_true", help="also every plan of a planned run")
+    ap.add_argument("--replan", action="store_true", help="also each online plan re-made by the current planner")
     args = ap.parse_args()
     for folder in args.runs:
         s = summary(folder, args.target)
@@ -71,6 +119,12 @@ def main() -> None:
                       f"sum p^2 omega {p['sum_p2_omega']:6.2f}, rho {rho}, R {p['rounds_factor']:.2f}, "
                       f"E[round] {p['expected_round_time_s']:5.1f} s, at the q floor {p['clients_at_floor']}, "
                       f"mean rank {p['mean_rank']:.1f}")
+        if args.replan:
+            for p in replans(folder):
+                print(f"  re-plan @ round {p['round']:3d}: E[participants] {p['recorded_participants']:5.1f} -> "
+                      f"{p['replanned_participants']:5.1f}, exposed upload share {p['upload_exposed_fraction']:.2f}, "
+                      f"E[round] {p['replanned_round_time_s']:5.1f} s (Monte Carlo {p['true_round_time_s']:5.1f} s), "
+                      f"mean rank {p['replanned_mean_rank']:.1f}")
 
 
 if __name__ == "__main__":

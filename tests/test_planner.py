@@ -25,6 +25,7 @@ from fedlora.planner import (
     check_feasible,
     estimate_constants,
     monte_carlo_round_time_s,
+    upload_exposed_fraction,
     objective,
     plan,
     plan_participation,
@@ -32,7 +33,7 @@ from fedlora.planner import (
     q_lower_bound,
     rounds_factor,
 )
-from fedlora.system import ComputeModel, expected_max_compute_s, round_time_bound_s
+from fedlora.system import ComputeModel, equal_finish_allocation, expected_max_compute_s, round_time_bound_s
 
 LINEAR = ComputeModel("linear")
 
@@ -60,7 +61,8 @@ def check_plan_constraints(pl: Plan, pr: PlanProblem) -> None:
     assert math.isfinite(pl.objective) and pl.objective > 0
     assert pl.objective == pytest.approx(objective(q, s, pr), rel=1e-12)
     assert pl.rounds_factor == pytest.approx(rounds_factor(q, s, pr.data_share, pr.constants), rel=1e-12)
-    tb = round_time_bound_s(pr.compute_s(s), pr.upload_s_hz_at(s), q, pr.bandwidth_hz, pr.download_s)
+    tb = round_time_bound_s(pr.compute_s(s), pr.upload_exposed_fraction * pr.upload_s_hz_at(s), q, pr.bandwidth_hz,
+                            pr.download_s)
     assert pl.expected_round_time_s == pytest.approx(tb, rel=1e-12)
     assert pl.iterations >= 1
 
@@ -306,6 +308,49 @@ def test_monte_carlo_is_reproducible_and_counts_empty_rounds():
     a = monte_carlo_round_time_s(q, np.ones(3), pr, rounds=200, seed=5)
     assert a == monte_carlo_round_time_s(q, np.ones(3), pr, rounds=200, seed=5)
     assert a[0] < 1.0  # almost every round empty -> T = 0
+
+
+@pytest.mark.parametrize("seed,bw", [(0, 1.0), (1, 0.1), (2, 10.0)])
+def test_upload_exposed_fraction_matches_the_exact_expectation(seed, bw):
+    """f = E[T_up - max_S t_cp] / E[sum_S t_cm / B], computed exactly over all 2^n participant
+    sets, against the Monte Carlo estimate; f lies in [0, 1], and with the upload term scaled by
+    f the planner's round time is the true E[T] at that (q, s)."""
+    rng = np.random.default_rng(300 + seed)
+    n = 6
+    pr = dataclasses.replace(make_problem(n, 300 + seed, r=4, bw=bw), download_s=rng.uniform(0.5, 2.0, n))
+    q = rng.uniform(0.2, 1.0, n)
+    s = rng.integers(1, 5, n) / 4
+    tcp, tcm = pr.compute_s(s), pr.upload_s_hz_at(s)
+    num = den = true_t = 0.0
+    for members in itertools.product([False, True], repeat=n):
+        idx = np.flatnonzero(members)
+        if not idx.size:
+            continue
+        prob = float(np.prod(np.where(members, q, 1 - q)))
+        t_up = equal_finish_allocation(tcp[idx], tcm[idx], pr.bandwidth_hz)[0]
+        num += prob * (t_up - tcp[idx].max())
+        den += prob * tcm[idx].sum() / pr.bandwidth_hz
+        true_t += prob * (pr.download_s[idx].max() + t_up)
+    exact = num / den
+    assert 0.0 < exact < 1.0
+    f = upload_exposed_fraction(q, s, pr, rounds=20000, seed=seed)
+    assert f == pytest.approx(exact, rel=0.03, abs=0.005)
+    assert dataclasses.replace(pr, upload_exposed_fraction=exact).round_time_bound_s(q, s) == pytest.approx(true_t)
+    assert pr.round_time_bound_s(q, s) >= true_t  # f = 1: Theorem 2, an upper bound
+
+
+def test_upload_exposed_fraction_edges_and_the_plan_it_prices():
+    pr = make_problem(5, 7)
+    with pytest.raises(ValueError, match="upload_exposed_fraction"):
+        dataclasses.replace(pr, upload_exposed_fraction=1.5)
+    assert upload_exposed_fraction(np.full(5, 1e-3), np.ones(5), pr, rounds=50) == 1.0  # no upload drawn
+    # f = 0 prices the uploads at nothing: the same plan as a problem without uploads
+    free = dataclasses.replace(pr, upload_exposed_fraction=0.0)
+    none = dataclasses.replace(pr, upload_s_hz=np.zeros(5))
+    assert free.round_time_bound_s(np.full(5, 0.5), np.ones(5)) == none.round_time_bound_s(np.full(5, 0.5), np.ones(5))
+    a, b = plan(free), plan(none)
+    np.testing.assert_array_equal(a.participation_prob, b.participation_prob)
+    np.testing.assert_array_equal(a.ranks, b.ranks)
 
 
 # --------------------------------------------------------------------------- P2 pieces

@@ -14,10 +14,10 @@ from conftest import metric_rows
 from fedlora import loop, pilot, simulate
 from fedlora import setup as setup_mod
 from fedlora.config import InputError, load_config
-from fedlora.online import STEP_RATIO_PRIOR
-from fedlora.methods.proposed import plan_problem
+from fedlora.online import STEP_RATIO_PRIOR, fixed_step_model
+from fedlora.methods.proposed import PARTICIPATION_STEP, plan_problem
 from fedlora.methods import get_method
-from fedlora.planner import BoundConstants, plan, plan_participation, plan_ranks
+from fedlora.planner import BoundConstants, plan, plan_participation, plan_ranks, upload_exposed_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -153,6 +153,7 @@ def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tm
         if planned:
             q = np.array(r["plan"]["participation_prob"])
             assert np.all(q >= floor * (1 - 1e-12)) and np.all(q <= 1)
+            assert 0.0 <= r["plan"]["upload_exposed_fraction"] <= 1.0
     assert result["planning_time_s"] == pytest.approx(4 * cfg.planner.plan_time_s)
     assert result["pre_run_planning_s"] == 0.0
     written = json.loads((full / "plan.json").read_text())
@@ -163,6 +164,29 @@ def test_online_planning_out_of_the_box_and_resume_after_a_kill(online_setup, tm
     assert [r["round"] for r in killed_then_resumed(cfg, killed, online_setup, at_round=4)] == [0, 1, 2, 3]
     assert metric_rows(killed) == metric_rows(full)
     assert json.loads((killed / "plan.json").read_text()) == written
+
+
+def test_a_replan_stays_in_the_trust_region_and_prices_the_exposed_uploads(online_setup):
+    """Estimates that make noise nearly free pull an unguarded plan below half of the plan in
+    force; the online re-plan keeps every q_i >= q_i / PARTICIPATION_STEP and still moves. Each
+    plan prices the uploads with the exposed share measured at the plan in force (the first
+    plan: at the warm-up setting, q = s = 1)."""
+    ctx = online_setup.method_context()
+    method = get_method("proposed")(ctx)  # round 1 planned on the priors
+    n = ctx.num_clients
+    first = method.history[0]
+    assert method._plan_entry["upload_exposed_fraction"] == upload_exposed_fraction(
+        np.ones(n), np.ones(n), plan_problem(ctx, method.estimator.rounds_model(), pin_large_clients=True))
+    q1, s1 = method.participation_prob.copy(), method.sketch_ratio.copy()
+    cheap = fixed_step_model(ctx.data_share, np.full(n, 0.01), 0.02)
+    unguarded = method.run_planner(cheap, None, floor=online_setup.cfg.planner.online.min_participation)
+    assert np.any(unguarded.participation_prob < q1 / PARTICIPATION_STEP * 0.9)
+    method._plan_for_round(2, cheap)
+    q2 = method.participation_prob
+    assert np.all(q2 >= q1 / PARTICIPATION_STEP * (1 - 1e-12)) and np.any(q2 < 0.9 * q1)
+    assert method._plan_entry["upload_exposed_fraction"] == upload_exposed_fraction(
+        q1, s1, plan_problem(ctx, cheap, pin_large_clients=True))
+    assert first["round"] == 1 and method.history[-1]["round"] == 2
 
 
 def test_replanning_keeps_every_round_unbiased(online_setup):

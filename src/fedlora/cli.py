@@ -105,15 +105,19 @@ def plan(config: Path = typer.Argument(..., help="YAML run config"),
     console = Console()
     console.print(table)
     console.print(f"expected participants {result['expected_participants']:.2f}  "
-                  f"expected round time (Theorem-2 bound) {result['expected_round_time_s']:.3f} s")
+                  f"expected round time ({'Theorem-2 bound, uploads at the share not hidden behind compute' if online else 'Theorem-2 bound'}) "
+                  f"{result['expected_round_time_s']:.3f} s")
     if online:
+        from .methods.proposed import PARTICIPATION_STEP
+
         oc = cfg.planner.online
         start = (f"rounds 1-{oc.warmup_rounds} run this warm-up (every client, full rank)" if oc.warmup_rounds else
                  "round 1 runs this plan, made before any update was seen (each client's update taken as "
                  "orthogonal to the others'), and rounds 2 and 3 replace it as the first measurements come in")
         console.print(f"online planning: {start}; from then on the plan is computed from the update energies and the "
                       f"step's curvature cost the server measures and refined every {oc.replan_every} rounds or "
-                      f"when its predicted rounds move by {oc.replan_tolerance:.0%} (q >= {oc.min_participation:g} for every client); each plan "
+                      f"when its predicted rounds move by {oc.replan_tolerance:.0%} (q >= {oc.min_participation:g} for every client, and "
+                      f"no re-plan divides a q by more than {PARTICIPATION_STEP:g}); each plan "
                       f"charges {cfg.planner.plan_time_s:g} s of server time")
     else:
         console.print(f"objective {result['objective']:.4g}  constants {result['constants']}  "

@@ -18,7 +18,10 @@ Where R comes from (`planner.constants`, docs/theory.md sections 5 and 8):
     every `replan_every` rounds, or sooner when the current plan's predicted R moved by
     `replan_tolerance` (docs/theory.md section 8.5). q and
     s change only between rounds, so every round's p_i / q_i weights are those its sampling
-    used; q never falls below `min_participation`. Online planning uses the relaxed
+    used; q never falls below `min_participation`. Two guards on re-plans (docs/theory.md
+    section 8.7): the round time prices only the share of the uploads that the equal-finish
+    round does not hide behind the stragglers' compute, measured at the plan in force; and a
+    re-plan divides no q_i by more than PARTICIPATION_STEP. Online planning uses the relaxed
     Appendix C (docs/theory.md section 4) for every planned method: a refusal in the middle
     of a run would stop it, and the relaxed bound equals the seed's wherever that one plans.
   * pilots, or given numbers: the seed's R with four constants, planned once before round 1.
@@ -32,18 +35,24 @@ import numpy as np
 import torch
 
 from ..online import OnlineEstimator, RoundObservation, energy_exponent_for
-from ..planner import Plan, PlanProblem, plan
+from ..planner import Plan, PlanProblem, plan, upload_exposed_fraction
 from .base import compute_model
 from .manual import IndependentSketch
 
+# Trust region of an online re-plan [ours]: no q_i falls below 1 / PARTICIPATION_STEP of its
+# value in the plan in force. The estimates come from rounds of that plan; far below it they
+# are an extrapolation, and the early ones are the most optimistic (docs/theory.md 8.7).
+PARTICIPATION_STEP = 2.0
 
-def plan_problem(ctx, constants, *, pin_large_clients: bool = False, min_participation: float = 1e-6) -> PlanProblem:
+
+def plan_problem(ctx, constants, *, pin_large_clients: bool = False, min_participation=1e-6,
+                 upload_exposed: float = 1.0) -> PlanProblem:
     cfg = ctx.cfg
     return PlanProblem(data_share=ctx.data_share, compute_time_s=ctx.compute_time_s, upload_s_hz=ctx.upload_s_hz,
                        bandwidth_hz=cfg.system.bandwidth_hz, rank=cfg.lora.rank,
                        compute_model=compute_model(cfg), constants=constants,
                        pin_large_clients=pin_large_clients, min_participation=min_participation,
-                       download_s=ctx.download_s)
+                       download_s=ctx.download_s, upload_exposed_fraction=upload_exposed)
 
 
 def update_gram(jobs, payloads, rank: int) -> np.ndarray:
@@ -103,6 +112,13 @@ class Proposed(IndependentSketch):
     def warmup_participation(self) -> np.ndarray:
         return np.ones(self.ctx.num_clients)
 
+    def in_force(self) -> tuple[np.ndarray, np.ndarray]:
+        """(q, s) of the rounds being run: the current plan, else the warm-up setting (also the
+        reference point of the first plan)."""
+        if self.planned is not None:
+            return self.planned.participation_prob, self.planned.sketch_ratio
+        return self.warmup_participation(), np.ones(self.ctx.num_clients)
+
     def choose_q_s(self) -> tuple[np.ndarray, np.ndarray]:
         """The setting of round 1: the warm-up (everybody at full rank), or the first plan
         (from the online prior, or from the constants), charged in round 1."""
@@ -111,15 +127,24 @@ class Proposed(IndependentSketch):
         self._plan_for_round(1, self.estimator.rounds_model() if self.online else self.ctx.constants)
         return self.planned.participation_prob, self.planned.sketch_ratio
 
-    def run_planner(self, constants, start) -> Plan:
+    def online_guards(self, constants) -> tuple[np.ndarray | float, float]:
+        """(floor on q, exposed share of the uploads) for an online plan: the exploration floor
+        and the trust region around the plan in force (q only where q is planned), and the share
+        of the Theorem-2 upload term the equal-finish round adds at the plan in force."""
+        q_now, s_now = self.in_force()
+        floor = 1e-6
+        if self.plans_participation:
+            floor = np.maximum(self.ctx.cfg.planner.online.min_participation, q_now / PARTICIPATION_STEP)
+        return floor, upload_exposed_fraction(q_now, s_now, plan_problem(self.ctx, constants, pin_large_clients=True))
+
+    def run_planner(self, constants, start, *, floor=1e-6, upload_exposed: float = 1.0) -> Plan:
         """self.solve on this run's problem; an infeasible problem is an input error."""
         from ..config import InputError
         from ..planner import AppendixCInfeasible, InfeasiblePlan
 
-        floor = self.ctx.cfg.planner.online.min_participation if self.online and self.plans_participation else 1e-6
         try:
             return self.solve(plan_problem(self.ctx, constants, pin_large_clients=self.pin_large_clients or self.online,
-                                           min_participation=floor), start)
+                                           min_participation=floor, upload_exposed=upload_exposed), start)
         except InfeasiblePlan as e:
             hint = ""
             if isinstance(e, AppendixCInfeasible) and not self.pin_large_clients:
@@ -144,7 +169,8 @@ class Proposed(IndependentSketch):
         """Plan (warm-started from the current plan when there is one) and adopt the plan from
         round t on; the metrics row of round t shows it."""
         start = None if self.planned is None else (self.participation_prob, self.ranks)
-        self.planned = self.run_planner(constants, start)
+        floor, exposed = self.online_guards(constants) if self.online else (1e-6, 1.0)
+        self.planned = self.run_planner(constants, start, floor=floor, upload_exposed=exposed)
         self._adopt(self.planned)
         self.last_plan_round = t
         if self.online:
@@ -155,6 +181,7 @@ class Proposed(IndependentSketch):
                             "rounds_factor": float(self.planned.rounds_factor),
                             "expected_round_time_s": float(self.planned.expected_round_time_s)}
         if self.online:
+            self._plan_entry["upload_exposed_fraction"] = exposed
             self._plan_entry["relative_energy"] = self.estimator.relative_energy().tolist()
             self._plan_entry["step_ratio"] = self.estimator.step_ratio()
         self.history.append({k: self._plan_entry[k] for k in ("round", "expected_participants", "rounds_factor",

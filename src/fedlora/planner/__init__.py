@@ -30,7 +30,7 @@ from __future__ import annotations
 from .constants import ConstantEstimate, PilotObservation, estimate_constants, fit_constants_constrained
 from .problem import (Q_FLOOR, AppendixCInfeasible, BoundConstants, ConstantEstimationError, InfeasiblePlan, Plan,
                       PlanProblem, RoundsModel, check_feasible, monte_carlo_round_time_s, objective, q_lower_bound,
-                      rounds_factor)
+                      rounds_factor, upload_exposed_fraction)
 from .solver import plan, plan_participation, plan_ranks
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "q_lower_bound",
     "check_feasible",
     "monte_carlo_round_time_s",
+    "upload_exposed_fraction",
     "plan",
     "plan_participation",
     "plan_ranks",

@@ -161,6 +161,11 @@ class PlanProblem:
     download_s: t_dl_i >= 0, client i's time to receive the round's broadcast alone (docs/
       system.md, Downlink); the broadcast goes at the weakest participant's rate, so the
       round time gains E[max_{i in S} t_dl_i]. None: no download term (the seed's bound).
+    upload_exposed_fraction: f in [0, 1], the share of the bound's upload term sum q t_cm / B
+      that a round really adds on top of max t_cp: under equal-finish allocation the faster
+      participants upload while the stragglers compute. 1 = Theorem 2 as the seed states it;
+      online planning measures f at the plan in force (``upload_exposed_fraction`` below,
+      docs/theory.md section 8.7).
     """
 
     data_share: np.ndarray
@@ -173,6 +178,7 @@ class PlanProblem:
     pin_large_clients: bool = False
     min_participation: float | np.ndarray = Q_FLOOR
     download_s: np.ndarray | None = None
+    upload_exposed_fraction: float = 1.0
     model: RoundsModel = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -216,6 +222,10 @@ class PlanProblem:
         dl = np.zeros(n) if self.download_s is None else _vector("download_s", self.download_s, n)
         if np.any(dl < 0):
             raise ValueError("download_s must be >= 0")
+        f = float(self.upload_exposed_fraction)
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"upload_exposed_fraction must lie in [0, 1], got {self.upload_exposed_fraction!r}")
+        object.__setattr__(self, "upload_exposed_fraction", f)
         object.__setattr__(self, "download_s", _frozen(dl))
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "min_participation", _frozen(floor))
@@ -245,13 +255,16 @@ class PlanProblem:
         return self.model.value(_check_q(q, n), _check_s(s, n), self.data_share)
 
     def round_time_bound_s(self, q, s) -> float:
-        """Theorem-2 bound on E[T] at (q, s), the broadcast included (system.round_time_bound_s)."""
-        return round_time_bound_s(self.compute_s(s), self.upload_s_hz_at(s), q, self.bandwidth_hz, self.download_s)
+        """The planner's round time at (q, s): the Theorem-2 bound on E[T], the broadcast included
+        (system.round_time_bound_s), its upload term scaled by ``upload_exposed_fraction``."""
+        return round_time_bound_s(self.compute_s(s), self.upload_exposed_fraction * self.upload_s_hz_at(s), q,
+                                  self.bandwidth_hz, self.download_s)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Planner output. ``expected_round_time_s`` is the Theorem-2 bound at (q, s);
+    """Planner output. ``expected_round_time_s`` is the planner's round time at (q, s) (the
+    Theorem-2 bound, its upload term scaled by the problem's ``upload_exposed_fraction``);
     ``objective`` = ``rounds_factor`` * ``expected_round_time_s`` (P2)."""
 
     participation_prob: np.ndarray
@@ -322,7 +335,8 @@ def q_lower_bound(s, p, k: BoundConstants) -> np.ndarray:
 
 
 def objective(q, s, problem: PlanProblem) -> float:
-    """P2 objective R(q, s) * Ebar_T(q, s), Ebar_T the Theorem-2 bound (system.round_time_bound_s)."""
+    """P2 objective R(q, s) * Ebar_T(q, s), Ebar_T the Theorem-2 bound (system.round_time_bound_s),
+    its upload term scaled by ``problem.upload_exposed_fraction``."""
     n = problem.num_clients
     q = _check_q(q, n)
     s = _check_s(s, n)
@@ -360,25 +374,44 @@ def check_feasible(problem: PlanProblem) -> None:
             "(pin_large_clients relaxes the bound for such clients)")
 
 
+def _sampled_rounds(q, s, problem: PlanProblem, rounds: int, seed: int):
+    """(download, compute, upload-phase, upload-term) seconds of ``rounds`` rounds under independent
+    Bernoulli(q_i) sampling: max_S t_dl, max_S t_cp, the equal-finish T_up (system.
+    equal_finish_allocation) and sum_S t_cm / B; an empty round is all zeros."""
+    n = problem.num_clients
+    q = _check_q(q, n)
+    s = _check_s(s, n)
+    tcp = problem.compute_s(s)
+    tcm = problem.upload_s_hz_at(s)
+    masks = np.random.default_rng(seed).random((int(rounds), n)) < q
+    out = np.zeros((int(rounds), 4))
+    for j in range(int(rounds)):
+        idx = np.flatnonzero(masks[j])
+        if idx.size:
+            out[j] = (problem.download_s[idx].max(), tcp[idx].max(),
+                      equal_finish_allocation(tcp[idx], tcm[idx], problem.bandwidth_hz)[0],
+                      tcm[idx].sum() / problem.bandwidth_hz)
+    return out
+
+
 def monte_carlo_round_time_s(q, s, problem: PlanProblem, *, rounds: int, seed: int) -> tuple[float, float]:
     """Mean and standard error of the true round time T under independent Bernoulli(q_i)
     sampling: the broadcast at the weakest participant's rate, then the equal-finish
     bandwidth split (system.equal_finish_allocation).
     An empty round counts as T = 0 (the Theorem-2 bound makes the same convention)."""
-    n = problem.num_clients
-    q = _check_q(q, n)
-    s = _check_s(s, n)
     rounds = int(rounds)
     if rounds < 2:
         raise ValueError("rounds must be >= 2 for a standard error")
-    tcp = problem.compute_s(s)
-    tcm = problem.upload_s_hz_at(s)
-    rng = np.random.default_rng(seed)
-    masks = rng.random((rounds, n)) < q
-    times = np.zeros(rounds)
-    for j in range(rounds):
-        idx = np.flatnonzero(masks[j])
-        if idx.size:
-            times[j] = problem.download_s[idx].max() + equal_finish_allocation(tcp[idx], tcm[idx],
-                                                                               problem.bandwidth_hz)[0]
+    d = _sampled_rounds(q, s, problem, rounds, seed)
+    times = d[:, 0] + d[:, 2]
     return float(times.mean()), float(times.std(ddof=1) / math.sqrt(rounds))
+
+
+def upload_exposed_fraction(q, s, problem: PlanProblem, *, rounds: int = 256, seed: int = 0) -> float:
+    """f = E[T_up - max_S t_cp] / E[sum_S t_cm / B] at (q, s), by Monte Carlo over ``rounds``
+    sampled rounds (docs/theory.md section 8.7): the share of the Theorem-2 upload term that
+    the equal-finish round really adds. Per round 0 <= T_up - max t_cp <= sum t_cm / B, so f is
+    in [0, 1]; 1 when no round uploads anything."""
+    d = _sampled_rounds(q, s, problem, rounds, seed)
+    term = float(d[:, 3].sum())
+    return float(np.clip((d[:, 2] - d[:, 1]).sum() / term, 0.0, 1.0)) if term > 0 else 1.0

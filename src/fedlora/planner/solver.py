@@ -93,7 +93,7 @@ class _Core:
         self.delta = k.delta / k.beta
         p = problem.data_share
         c = problem.compute_time_s
-        ub = problem.upload_s_hz / problem.bandwidth_hz
+        ub = problem.upload_exposed_fraction * problem.upload_s_hz / problem.bandwidth_hz  # the round's upload term
         self.scale = float(c.max())  # exact ratio under a change of time unit
         self.c = _round_sig(c / self.scale)
         self.ub = _round_sig(ub / self.scale)
