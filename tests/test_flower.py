@@ -111,13 +111,14 @@ def test_local_deployment_matches_inprocess(flower_deploy, tmp_path):
     """SuperLink + 2 SuperNodes on 127.0.0.1 (partition-id 0, 1), TLS and SuperNode
     authentication on: same numbers as the simulator, and a node whose key was never
     registered is refused. (Two nodes: each round starts a ClientApp process per node, and
-    two fit 2 cores.)"""
+    two fit 2 cores. One round: the state carried from round to round is checked through the
+    strategy by the in-process tests below and on the simulation engine above.)"""
     from fedlora.flower.credentials import write_node_key
 
     assert flower_deploy.tls is not None and len(flower_deploy.node_keys) == 2
     intruder = flower_deploy.start_node(2, wait=False,
                                         private_key=write_node_key(tmp_path, "intruder").private_key)
-    overrides = ["data.num_clients=2", "train.rounds=2"]
+    overrides = ["data.num_clients=2", "train.rounds=1"]
     out = tmp_path / "deploy_out"
     done = flower_deploy.run(SMOKE, out, overrides=overrides, round_timeout=300, timeout=900)
     assert intruder.wait(timeout=120) != 0

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,14 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 @pytest.fixture(scope="module")
 def setup():
     return setup_mod.build_setup(load_config(SMOKE))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(setup, tmp_path_factory):
+    """(folder, result) of the smoke config's run, made once for the module; tests only read it
+    (or copy it)."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    return out, simulate.run(setup.cfg, out, setup=setup, progress=False)
 
 
 def rows(out):
@@ -55,9 +64,8 @@ def test_final_evaluation_reuses_the_last_rounds_when_the_questions_are_the_same
             assert calls[-1] == 2 * 48 and result["final_eval_examples"] == 96
 
 
-def test_run_folder_contract(setup, tmp_path):
-    out = tmp_path / "run"
-    result = simulate.run(setup.cfg, out, setup=setup, progress=False)
+def test_run_folder_contract(setup, smoke_run):
+    out, result = smoke_run
     for name in ("config.yaml", "clients.json", "plan.json", "metrics.jsonl", "data.json", "result.json",
                  "adapter/adapter_config.json", "checkpoint/progress.json"):
         assert (out / name).exists(), name
@@ -101,9 +109,8 @@ def tensorboard_events(out):
     return ev
 
 
-def test_resume_equals_uninterrupted(setup, tmp_path, killed_then_resumed):
-    full = tmp_path / "full"
-    simulate.run(setup.cfg, full, setup=setup, progress=False)
+def test_resume_equals_uninterrupted(setup, smoke_run, tmp_path, killed_then_resumed):
+    full = smoke_run[0]
 
     killed = tmp_path / "killed"
     left = killed_then_resumed(setup.cfg, killed, setup, at_round=3)
@@ -151,7 +158,7 @@ def test_nan_update_is_rejected_and_run_goes_on(setup, tmp_path, monkeypatch):
     assert not (out / "tensorboard").exists()  # track.tensorboard: false
 
 
-def test_same_seed_same_numbers_and_the_probe_only_measures(setup, tmp_path):
+def test_same_seed_same_numbers_and_the_probe_only_measures(setup, smoke_run, tmp_path):
     """Same seed, same numbers. The second run also sets eval.probe_examples: every row gains
     the global model's loss on fixed training questions (equal to the cross-entropy of the
     engine's scores, computed here by hand) and every other number stays the same."""
@@ -159,8 +166,7 @@ def test_same_seed_same_numbers_and_the_probe_only_measures(setup, tmp_path):
 
     cfg = setup.cfg.model_copy(deep=True)
     cfg.eval.probe_examples = 12
-    a, b = tmp_path / "a", tmp_path / "b"
-    simulate.run(setup.cfg, a, setup=setup, progress=False)
+    a, b = smoke_run[0], tmp_path / "b"  # a: the module's run of the same config
     simulate.run(cfg, b, setup=dataclasses.replace(setup, cfg=cfg), progress=False)
     ra, rb = without_cpu_time(rows(a)), without_cpu_time(rows(b))
     assert all("probe_loss" not in r for r in ra) and all("probe_loss" in r for r in rb)
@@ -236,7 +242,7 @@ def test_a_method_that_cannot_plan_leaves_no_folder(setup, tmp_path):
     assert not out.exists()
 
 
-def test_resume_with_more_rounds_continues_a_finished_run(setup, tmp_path):
+def test_resume_with_more_rounds_continues_a_finished_run(setup, smoke_run, tmp_path):
     """--resume train.rounds=N (larger) continues from the last checkpoint: the same training
     as one longer run; the shorter run's last round was evaluated as its final round."""
     cfg = setup.cfg
@@ -244,7 +250,7 @@ def test_resume_with_more_rounds_continues_a_finished_run(setup, tmp_path):
     full = tmp_path / "full"
     simulate.run(longer, full, setup=setup, progress=False)
     ext = tmp_path / "extended"
-    simulate.run(cfg, ext, setup=setup, progress=False)
+    shutil.copytree(smoke_run[0], ext)  # the finished 3-round run
     result = simulate.run(longer, ext, setup=setup, progress=False, resume=True)
     assert result["rounds"] == cfg.train.rounds + 2 and result["stop_reason"] == "max_rounds"
     assert (ext / "config.yaml").read_text() == (full / "config.yaml").read_text()
@@ -307,23 +313,38 @@ def bad_input_cases(tmp_path):
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
+    """Each bad input: exit code 2, one line on stderr naming the field, file or value, nothing
+    written. In process through the CLI app (typer's CliRunner: the same command and error
+    path a shell runs, without a process start per case); the hub-model case, which needs
+    HF_HUB_OFFLINE at import, and a missing config file run as real processes."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
     cases = bad_input_cases(tmp_path)
-    with ThreadPoolExecutor(max_workers=2) as pool:  # each case is a process start; two at a time
-        results = list(pool.map(lambda ic: cli("run", SMOKE, "-o", tmp_path / f"out{ic[0]}", "--quiet", *ic[1][0]),
-                                enumerate(cases)))
-    for i, ((overrides, needles), res) in enumerate(zip(cases, results)):
-        out = tmp_path / f"out{i}"
-        assert res.returncode == 2, (overrides, res.stderr[-2000:])
+    hub = [i for i, (overrides, _) in enumerate(cases) if overrides[0].startswith("model.name_or_path=nobody")]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the two process starts, while the in-process cases run
+        procs = [pool.submit(cli, "run", SMOKE, "-o", tmp_path / f"out{i}", "--quiet", *cases[i][0]) for i in hub]
+        missing = pool.submit(cli, "run", tmp_path / "none.yaml")
+        runner = CliRunner()
+        results = {i: runner.invoke(app, ["run", str(SMOKE), "-o", str(tmp_path / f"out{i}"), "--quiet", *ov])
+                   for i, (ov, _) in enumerate(cases) if i not in hub}
+        for i, fut in zip(hub, procs):
+            results[i] = fut.result()
+        missing = missing.result()
+    for i, (overrides, needles) in enumerate(cases):
+        res = results[i]
+        code = res.returncode if hasattr(res, "returncode") else res.exit_code
+        assert code == 2, (overrides, res.stderr[-2000:], getattr(res, "exception", None))
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
         assert "Traceback" not in res.stderr
         for n in needles:
             assert n in lines[0], (n, lines[0])
-        assert not out.exists(), "nothing may be written on bad input"
-    res = cli("run", tmp_path / "none.yaml")
-    assert res.returncode == 2 and "config file not found" in res.stderr
+        assert not (tmp_path / f"out{i}").exists(), "nothing may be written on bad input"
+    assert missing.returncode == 2 and "config file not found" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_eval_schedule_by_rounds_and_by_simulated_time():
