@@ -24,10 +24,11 @@ import yaml
 
 from fedlora.config import load_config
 from fedlora.methods.base import compute_model
-from fedlora.methods.proposed import PARTICIPATION_STEP
+from fedlora.methods.proposed import online_guards
 from fedlora.online import fixed_step_model
-from fedlora.planner import PlanProblem, monte_carlo_round_time_s, plan, upload_exposed_fraction
+from fedlora.planner import PlanProblem, monte_carlo_round_time_s, plan
 from fedlora.rundir import read_rows, time_to_target
+from fedlora.setup import link_times
 
 
 def summary(folder: Path, target: float | None) -> dict:
@@ -65,17 +66,14 @@ def replans(folder: Path) -> list[dict]:
     cfg = load_config(folder / "config.yaml")
     clients = json.loads((folder / "clients.json").read_text())
     share = np.array([c["data_share"] for c in clients])
-    eff = np.array([c["bits_per_s_per_hz"] for c in clients])
-    bits = np.array([c["upload_bits"] for c in clients])
-    sys_ = cfg.system
-    eff_dl = eff if sys_.downlink_bits_per_s_per_hz is None else np.full(eff.size, sys_.downlink_bits_per_s_per_hz)
+    upload_s_hz, download_s = link_times(cfg, [c["bits_per_s_per_hz"] for c in clients],
+                                         np.array([c["upload_bits"] for c in clients]))
 
     def problem(model, floor=1e-6, exposed=1.0) -> PlanProblem:
         return PlanProblem(data_share=share, compute_time_s=np.array([c["compute_time_s"] for c in clients]),
-                           upload_s_hz=bits / eff, bandwidth_hz=sys_.bandwidth_hz, rank=cfg.lora.rank,
+                           upload_s_hz=upload_s_hz, bandwidth_hz=cfg.system.bandwidth_hz, rank=cfg.lora.rank,
                            compute_model=compute_model(cfg), constants=model, pin_large_clients=True,
-                           min_participation=floor, download_s=bits / (sys_.downlink_band_hz * eff_dl),
-                           upload_exposed_fraction=exposed)
+                           min_participation=floor, download_s=download_s, upload_exposed_fraction=exposed)
 
     out, q_now, k_now = [], np.ones(share.size), np.full(share.size, cfg.lora.rank)
     first = True
@@ -84,9 +82,9 @@ def replans(folder: Path) -> list[dict]:
         if not p or "relative_energy" not in p:
             continue
         model = fixed_step_model(share, p["relative_energy"], p["step_ratio"], cfg.planner.online.sketch_exponent)
-        s_now = k_now / cfg.lora.rank
-        floor = np.maximum(cfg.planner.online.min_participation, q_now / PARTICIPATION_STEP)
-        pr = problem(model, floor, upload_exposed_fraction(q_now, s_now, problem(model)))
+        floor, exposed = online_guards(problem(model), q_now, k_now / cfg.lora.rank,
+                                       cfg.planner.online.min_participation)
+        pr = problem(model, floor, exposed)
         new = plan(pr) if first else plan(pr, start=(q_now, k_now), grid_points=0)
         true_t = monte_carlo_round_time_s(new.participation_prob, new.sketch_ratio, pr, rounds=400, seed=1)[0]
         out.append({"round": p["round"], "recorded_participants": p["expected_participants"],

@@ -59,16 +59,23 @@ class Setup:
         return float(values * self.cfg.system.bytes_per_value * 8)
 
     def method_context(self) -> MethodContext:
-        sys = self.cfg.system
-        eff = np.array([p.bits_per_s_per_hz for p in self.profiles])
-        eff_dl = eff if sys.downlink_bits_per_s_per_hz is None else np.full(eff.size, sys.downlink_bits_per_s_per_hz)
+        upload_s_hz, download_s = link_times(self.cfg, [p.bits_per_s_per_hz for p in self.profiles],
+                                             self.upload_bits_full)
         return MethodContext(
             cfg=self.cfg, data_share=self.data_share,
             compute_time_s=np.array([p.compute_time_s for p in self.profiles]),
-            upload_s_hz=self.upload_bits_full / eff,
-            download_s=self.upload_bits_full / (sys.downlink_band_hz * eff_dl),  # the broadcast = a full-rank update
+            upload_s_hz=upload_s_hz, download_s=download_s,
             module_shapes=dict(self.engine.module_shapes), engine=self.engine,
             constants=constants_from_config(self.cfg))
+
+
+def link_times(cfg: RunConfig, bits_per_s_per_hz, upload_bits_full) -> tuple[np.ndarray, np.ndarray]:
+    """(t_cm_i(1) in s*Hz, t_dl_i in s) per client: a full-rank upload at unit bandwidth, and the
+    broadcast (a full-rank update) at the client's downlink rate alone."""
+    sys = cfg.system
+    eff = np.asarray(bits_per_s_per_hz, dtype=np.float64)
+    eff_dl = eff if sys.downlink_bits_per_s_per_hz is None else np.full(eff.size, sys.downlink_bits_per_s_per_hz)
+    return upload_bits_full / eff, upload_bits_full / (sys.downlink_band_hz * eff_dl)
 
 
 def constants_from_config(cfg: RunConfig):

@@ -55,6 +55,15 @@ def plan_problem(ctx, constants, *, pin_large_clients: bool = False, min_partici
                        download_s=ctx.download_s, upload_exposed_fraction=upload_exposed)
 
 
+def online_guards(problem: PlanProblem, q_now, s_now, min_participation: float, *,
+                  plans_participation: bool = True) -> tuple[np.ndarray | float, float]:
+    """(floor on q, exposed share of the uploads) of an online re-plan (docs/theory.md 8.7): the
+    exploration floor and the trust region around the plan in force (q_now, s_now), where q is
+    planned, and the share of the Theorem-2 upload term the equal-finish round adds there."""
+    floor = np.maximum(min_participation, np.asarray(q_now) / PARTICIPATION_STEP) if plans_participation else 1e-6
+    return floor, upload_exposed_fraction(q_now, s_now, problem)
+
+
 def update_gram(jobs, payloads, rank: int) -> np.ndarray:
     """<u_i, u_j> of the participants' updates scattered into the full rank-r factor space,
     in the order of sorted(payloads)."""
@@ -127,16 +136,6 @@ class Proposed(IndependentSketch):
         self._plan_for_round(1, self.estimator.rounds_model() if self.online else self.ctx.constants)
         return self.planned.participation_prob, self.planned.sketch_ratio
 
-    def online_guards(self, constants) -> tuple[np.ndarray | float, float]:
-        """(floor on q, exposed share of the uploads) for an online plan: the exploration floor
-        and the trust region around the plan in force (q only where q is planned), and the share
-        of the Theorem-2 upload term the equal-finish round adds at the plan in force."""
-        q_now, s_now = self.in_force()
-        floor = 1e-6
-        if self.plans_participation:
-            floor = np.maximum(self.ctx.cfg.planner.online.min_participation, q_now / PARTICIPATION_STEP)
-        return floor, upload_exposed_fraction(q_now, s_now, plan_problem(self.ctx, constants, pin_large_clients=True))
-
     def run_planner(self, constants, start, *, floor=1e-6, upload_exposed: float = 1.0) -> Plan:
         """self.solve on this run's problem; an infeasible problem is an input error."""
         from ..config import InputError
@@ -169,7 +168,12 @@ class Proposed(IndependentSketch):
         """Plan (warm-started from the current plan when there is one) and adopt the plan from
         round t on; the metrics row of round t shows it."""
         start = None if self.planned is None else (self.participation_prob, self.ranks)
-        floor, exposed = self.online_guards(constants) if self.online else (1e-6, 1.0)
+        floor, exposed = 1e-6, 1.0
+        if self.online:
+            q_now, s_now = self.in_force()
+            floor, exposed = online_guards(plan_problem(self.ctx, constants, pin_large_clients=True), q_now, s_now,
+                                           self.ctx.cfg.planner.online.min_participation,
+                                           plans_participation=self.plans_participation)
         self.planned = self.run_planner(constants, start, floor=floor, upload_exposed=exposed)
         self._adopt(self.planned)
         self.last_plan_round = t
