@@ -6,7 +6,6 @@ import contextlib
 import math
 import warnings
 
-import cvxpy as cp
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
@@ -387,6 +386,8 @@ class _QSolver:
     """
 
     def __init__(self, core: _Core):
+        import cvxpy as cp  # here, not at the top: 1-2 s that every process importing fedlora.methods would pay
+
         self.core = core
         n = core.n
         self.q = cp.Variable(n)
@@ -408,6 +409,8 @@ class _QSolver:
         self.solves = 0
 
     def _solve(self) -> np.ndarray | None:
+        import cvxpy as cp
+
         self.solves += 1
         try:
             with warnings.catch_warnings():
