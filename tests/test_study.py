@@ -193,6 +193,21 @@ def test_smoke_study_end_to_end(tmp_path, monkeypatch):
         assert (mine / (mine / "same_run_as.txt").read_text().strip()).resolve() == theirs.resolve()
         assert not (mine / "checkpoint").exists()
     assert any("the same run as" in ln for ln in lines)
+    # a sampling baseline matched to a planned method of its study takes that run's mean
+    # participants per round (here the planned run is a copy of smoke's, made in this call)
+    matched = dict(twin, name="matched", methods=["sample_uniform", "proposed"])
+    (tmp_path / "matched.yaml").write_text(yaml.safe_dump(matched))
+    with pytest.raises(InputError, match="matched to the run .*proposed.* run its method too"):
+        run_studies([tmp_path / "matched.yaml"], out, workers=1, methods=["sample_uniform"], progress=False,
+                    log=lambda m: None)
+    run_studies([tmp_path / "matched.yaml"], out, workers=1, progress=False, log=lambda m: None)
+    planned = [json.loads(ln) for ln in (out / "smoke" / "proposed" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    counts = [len(r["participants"]) for r in planned if r["round"] >= 1]
+    base_run = out / "matched" / "sample_uniform" / "seed0"
+    got = yaml.safe_load((base_run / "config.yaml").read_text())["sampling"]["expected_participants"]
+    assert got == pytest.approx(sum(counts) / len(counts))
+    n = len(json.loads((base_run / "clients.json").read_text()))
+    assert json.loads((base_run / "plan.json").read_text())["participation_prob"] == pytest.approx([got / n] * n)
     # a method planned from pilots starts once its seed's pilots are done, with their constants
     # (the pilots are not trained here: at this scale their fit is noise)
     from fedlora import study as study_mod

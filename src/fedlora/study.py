@@ -28,7 +28,11 @@ setting (base + study overrides + variant overrides) the runner does, in this or
      such a method's run starts once its seed's pilots are done;
    * methods: every method and seed, with train.target_accuracy = the targets (the run stops
      once every target is reached), at most `rounds_cap` x the reference's rounds and
-     `time_cap` x its simulated time (a method not there by then is "not reached").
+     `time_cap` x its simulated time (a method not there by then is "not reached");
+   * a sampling baseline matched to a planned method (`sampling.match`) that the same study
+     runs: it waits for that method's run of its seed, and its `sampling.expected_participants`
+     is that run's mean participants per round (an online plan moves after its first round,
+     so its starting plan is not what the baseline is compared with).
 
 Jobs run in parallel worker processes (`workers`, one pool for the call); finished run
 folders are skipped, so an interrupted study resumes. A method run whose config is exactly
@@ -424,6 +428,7 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
                                   stop_loss=pc.target_loss, label=f"pilot {key} seed {seed} q={q:g} s={s:g}",
                                   group=(key, seed)))
     methods, waiting = [], {}
+    after_run: dict[Path, list[Job]] = {}  # a run's folder -> the baselines matched to it
     for spec, vname, st, root in plan:
         rule = rules[st.key]
         for seed in spec.seeds:
@@ -437,7 +442,10 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
                 c.train.max_sim_time_s = spec.time_cap * rule["reference_sim_time_s"]
                 job = Job("method", c, root / e.label / f"seed{seed}",
                           label=f"{_study_label(spec.name, vname)} {e.label} seed {seed}")
-                if _uses_pilots(c):
+                match = _matched_entry(spec, c)
+                if match is not None:
+                    after_run.setdefault(root / match / f"seed{seed}", []).append(job)
+                elif _uses_pilots(c):
                     waiting.setdefault((st.key, seed), []).append(job)
                 else:
                     methods.append(job)
@@ -448,20 +456,36 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
     for job, src in copies:
         copies_of.setdefault(src, []).append(job)
 
-    def copy(src: Path) -> None:
+    def matched(folder: Path) -> list[Job]:
+        """The baselines matched to the run in `folder`, with its mean participants."""
+        jobs = after_run.pop(folder, [])
+        if jobs:
+            try:
+                mean = _mean_participants(folder)
+            except InputError as e:  # the matched run failed (recorded) or cannot be read
+                runner.failures.extend((j.label, f"matched to {folder}, which has no result: {e}") for j in jobs)
+                return []
+            for j in jobs:
+                j.cfg.sampling.expected_participants = mean
+        return jobs
+
+    def copy(src: Path) -> list[Job]:
+        released = []
         for job in copies_of.pop(src, []):
             try:
                 copy_run(src, job.folder)
                 log(f"{job.label}: the same run as {src}, copied")
             except (InputError, OSError) as e:  # its source failed (recorded) or cannot be read
                 runner.failures.append((job.label, f"the same run as {src}, which has no result: {e}"))
+            released += matched(job.folder)
+        return released
 
     def release(job: Job) -> list[Job]:
-        """After a run: its copies; after a seed's last pilot: its constants, then the
-        methods planned from them."""
-        copy(job.folder)
+        """After a run: its copies and the baselines matched to it; after a seed's last
+        pilot: its constants, then the methods planned from them."""
+        released = copy(job.folder) + matched(job.folder)
         if job.group is None:
-            return []
+            return released
         left[job.group] -= 1
         if left[job.group]:
             return []
@@ -475,12 +499,21 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
         for j in waiting.get(job.group, []):
             j.cfg.planner.constants = ConstantsConfig(**found["constants"], source="pilots",
                                                       planning_time_s=found["planning_time_s"])
-        return waiting.get(job.group, [])
+        return released + waiting.get(job.group, [])
 
-    log(f"{len(pilots)} pilot run(s), {len(methods) + sum(map(len, waiting.values()))} method run(s)"
+    n_methods = len(methods) + sum(map(len, waiting.values())) + sum(map(len, after_run.values()))
+    log(f"{len(pilots)} pilot run(s), {n_methods} method run(s)"
         + (f", {len(copies)} more the same as one of them or as a finished run" if copies else ""))
     for src in [p for p in copies_of if p not in {j.folder for j in methods}]:
-        copy(src)  # finished runs of an earlier call
+        methods += copy(src)  # finished runs of an earlier call
+    queued = {j.folder for j in methods} | {j.folder for js in [*waiting.values(), *copies_of.values()] for j in js}
+    for folder in [f for f in after_run if f not in queued]:  # matched to a run this call does not make
+        if (folder / "result.json").exists():
+            methods += matched(folder)
+        else:
+            labels = ", ".join(j.label for j in after_run[folder])
+            raise InputError(f"{labels}: matched to the run {folder}, which has not finished and is not "
+                             "chosen (--methods): run its method too")
     runner.run(pilots + methods, release)
 
     summaries = {}
@@ -538,6 +571,27 @@ def entry_config(cfg: RunConfig, entry: MethodEntry) -> RunConfig:
 
     raw = apply_overrides(cfg.model_dump(mode="json"), list(entry.overrides) + [f"method={entry.method}"])
     return validate(raw, f"method '{entry.label}'")
+
+
+def _matched_entry(spec: StudySpec, cfg: RunConfig) -> str | None:
+    """The label of the study's entry whose runs a sampling baseline matches: the entry
+    named by `sampling.match`, unless the config gives `expected_participants` or the study
+    has no such entry (then the baseline matches that method's starting plan)."""
+    from .methods import METHODS
+
+    if not METHODS[cfg.method].matches_participation or cfg.sampling.expected_participants is not None:
+        return None
+    return next((e.label for e in method_entries(spec) if e.label == cfg.sampling.match), None)
+
+
+def _mean_participants(folder: Path) -> float:
+    """A finished run's mean participants per round (its rounds 1, 2, ...)."""
+    if not (folder / "result.json").exists():
+        raise InputError(f"{folder}: the run did not finish")
+    counts = [len(r["participants"]) for r in read_rows(folder) if r["round"] >= 1]
+    if not counts:
+        raise InputError(f"{folder}: the run has no rounds")
+    return float(sum(counts)) / len(counts)
 
 
 def _uses_pilots(cfg: RunConfig) -> bool:

@@ -147,6 +147,8 @@ class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     needs_constants: ClassVar[bool] = False  # True: the loop resolves planner constants first (pilot)
+    # True: its q matches `sampling.match`'s expected participants (sampling_baselines)
+    matches_participation: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx

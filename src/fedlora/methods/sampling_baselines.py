@@ -16,9 +16,11 @@ compared with (as in the seed): `sampling.expected_participants` when given, els
 starting plan of the method named by `sampling.match` (`proposed` by default; the sampling
 study sets `proposed_q`): its round-1 plan, from the constants when `planner.constants`
 gives numbers, else from the online prior (the pilots of `planner.constants: pilots` are
-not run for a baseline). Online re-plans move a run's expected participants afterwards (by under 15 %
-in the online study, docs/results.md); matching the starting plan keeps the baseline fixed
-and known before it runs.
+not run for a baseline). An online plan moves after round 1, and its prior plan can be far
+from where it settles (at 50 clients it keeps about 49 of 50, the plans that follow 30-45):
+a study that runs the matched method beside the baseline therefore sets
+`expected_participants` to that run's mean participants per round, seed by seed, before the
+baseline starts (fedlora.study; docs/baselines.md).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def matched_participants(ctx) -> float:
 
 class SampleUniform(IndependentSketch):
     name = "sample_uniform"
+    matches_participation = True  # a study sets E from the matched method's run
     summary = "seed 001 baseline: one q for every client, as many expected participants as the planned method, s = 1"
 
     def choose_q_s(self):
@@ -76,6 +79,7 @@ class SampleUniform(IndependentSketch):
 
 class SampleWeighted(IndependentSketch):
     name = "sample_weighted"
+    matches_participation = True  # a study sets E from the matched method's run
     summary = "seed 001 baseline: q_i proportional to data share p_i, as many expected participants as the planned method, s = 1"
 
     def choose_q_s(self):
