@@ -488,14 +488,14 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
             return released
         left[job.group] -= 1
         if left[job.group]:
-            return []
+            return released
         key, seed = job.group
         try:
             found = _constants(settings[key], seed, rules[key])
         except InputError as e:  # the planning methods of this seed fail; the others still run
             runner.failures.append((f"constants {key} seed {seed}", str(e)))
             log(f"FAILED constants {key} seed {seed}: {e}")
-            return []
+            return released
         for j in waiting.get(job.group, []):
             j.cfg.planner.constants = ConstantsConfig(**found["constants"], source="pilots",
                                                       planning_time_s=found["planning_time_s"])
