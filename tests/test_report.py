@@ -334,6 +334,8 @@ def test_bad_input_exits_2(tmp_path):
     one_line_error(runner.invoke(app, ["report", str(good), "--target", "1.5"]), "--target")
     one_line_error(runner.invoke(app, ["report", str(good), "--target", "nope=0.5"]), "nope")
     one_line_error(runner.invoke(app, ["report", str(good), "--baseline", "zzz"]), "zzz", "manual")
+    one_line_error(runner.invoke(app, ["report", str(good), "--at", "60,x"]), "--at", "60,x")
+    one_line_error(runner.invoke(app, ["report", str(good), "--at", "-5"]), "positive seconds")
     (good / "result.json").write_text("{not json")
     one_line_error(runner.invoke(app, ["report", str(good)]), "result.json")
     # compare: unknown method, bad seeds -> exit 2, nothing written
@@ -501,6 +503,45 @@ def test_speedups_over_focus_paired_by_seed(tmp_path):
     assert s["focus"]["speedup_over"]["fslora"][A]["focus_missed"]
     with pytest.raises(InputError, match="focus method 'nope'"):
         rp.summarize([rp.load_run(p) for p in rp.find_runs([tmp_path])], focus="nope")
+
+
+def test_accuracy_at_fixed_times_by_hand_and_paired_by_seed(tmp_path):
+    """ROWS' mean accuracy: 0.25 at 0 s, 0.6 at 25 s and 55 s, 0.7 at 70 s."""
+    run = rp.load_run(write_run(tmp_path / "a" / "seed0", ROWS, method="manual", seed=0))
+    got = rp.runs.accuracy_at(run, [0.0, 10.0, 25.0, 40.0, 62.5, 70.0, 500.0])
+    assert got == pytest.approx([0.25, 0.25 + 0.35 * 10 / 25, 0.6, 0.6, 0.65, 0.7, 0.7])  # held: finished
+    unfinished = rp.load_run(write_run(tmp_path / "u" / "seed0", ROWS, method="manual", seed=0, finished=False))
+    assert rp.runs.accuracy_at(unfinished, [70.0, 70.5]) == [pytest.approx(0.7), None]
+    # 100 s of pilots before round 1: the initial accuracy until then, the curve shifted after
+    piloted = write_run(tmp_path / "p" / "seed0", ROWS, method="proposed", seed=0)
+    _set_planner(piloted, {"alpha": 1.0, "beta": 1.0, "gamma": 0.1, "delta": 1.0, "planning_time_s": 100.0}, True)
+    assert rp.runs.accuracy_at(rp.load_run(piloted), [50.0, 100.0, 110.0, 125.0]) == pytest.approx(
+        [0.25, 0.25, 0.25 + 0.35 * 10 / 25, 0.6])
+    no_initial = rp.load_run(write_run(tmp_path / "n" / "seed0", ROWS[1:], method="manual", seed=0))
+    assert rp.runs.accuracy_at(no_initial, [10.0, 25.0]) == [None, pytest.approx(0.6)]
+    # paired by seed: focus "proposed" vs "fslora", constant accuracies per run
+    def flat(acc):
+        return [row(0, 0, ev={A: acc}), row(1, 100, ev={A: acc})]
+    accs = {("proposed", 0): 0.5, ("proposed", 1): 0.6, ("proposed", 2): 0.55,
+            ("fslora", 0): 0.45, ("fslora", 1): 0.58, ("fslora", 2): 0.56}
+    for (m, sd), acc in accs.items():
+        write_run(tmp_path / "pair" / m / f"seed{sd}", flat(acc), method=m, seed=sd)
+    s = rp.summarize([rp.load_run(p) for p in rp.find_runs([tmp_path / "pair"])], focus="proposed", at_s=[50.0])
+    assert s["methods"]["proposed"]["accuracy_at_s"]["50"]["mean"] == pytest.approx(0.55)
+    cell = s["focus"]["accuracy_over"]["fslora"]["50"]
+    d = np.array([0.05, 0.02, -0.01])
+    assert cell["per_seed"] == pytest.approx({0: 0.05, 1: 0.02, 2: -0.01})
+    assert (cell["ahead"], cell["behind"], cell["sign_p"]) == (2, 1, pytest.approx(1.0))
+    se = d.std(ddof=1) / math.sqrt(3)
+    t975_df2 = 4.302652729911275  # Student t, 2 df: two-sided p = 1 - t / sqrt(2 + t^2)
+    assert cell["mean"] == pytest.approx(d.mean())
+    assert cell["t_p"] == pytest.approx(1 - (d.mean() / se) / math.sqrt(2 + (d.mean() / se) ** 2))
+    assert cell["interval"] == pytest.approx([d.mean() - t975_df2 * se, d.mean() + t975_df2 * se])
+    md = rp.render_markdown(s)
+    assert "## Mean accuracy at fixed times" in md and "| proposed | 0.550 ± 0.050 |" in md
+    assert f"| fslora | 50 s | 3 | {d.mean():+.3f} [" in md
+    with pytest.raises(InputError, match="positive seconds"):
+        rp.summarize([run], at_s=[0.0])
 
 
 def test_plan_trace_reads_a_kept_run():

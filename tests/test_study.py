@@ -37,6 +37,18 @@ def test_targets_from_reference_by_hand():
     assert rule["mean_target"] == round(0.275 + 0.8 * (ref_mean - 0.275), 3)
 
 
+def test_accuracy_times_are_half_and_all_of_the_references_time_to_the_mean_target(tmp_path):
+    from fedlora.study import Setting, _accuracy_times
+
+    means = [0.25, 0.30, 0.36, 0.41, 0.40]  # eval_mean at 0, 10, 20, 30, 40 s
+    rows = [{"round": t, "sim_time_s": 10.0 * t, "eval": {"ARC-Easy": m}, "eval_mean": m} for t, m in enumerate(means)]
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    st = Setting("k", load_config(ROOT / "configs" / "smoke.yaml"), tmp_path)
+    assert _accuracy_times(st, {"mean_target": 0.36}) == [10, 20]  # first reached at 20 s
+    assert _accuracy_times(st, {"mean_target": 0.5}) == [] and _accuracy_times(st, {"targets": {}}) == []
+
+
 def test_targets_need_evaluations_and_some_gain():
     flat = [{"a": 0.3}] * 5
     with pytest.raises(InputError, match="no task gained"):

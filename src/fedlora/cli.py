@@ -211,13 +211,24 @@ def report(outs: list[Path] = typer.Argument(..., help="run folders, or folders 
            target: Optional[str] = typer.Option(None, "--target", help="0.6 (mean and each task) or TASK=ACC,TASK=ACC[,mean=ACC]"),
            out: Optional[Path] = typer.Option(None, "-o", "--out", help="where to write (default: the first OUT)"),
            baseline: Optional[str] = typer.Option(None, "--baseline", help="speedups against this method"),
-           focus: Optional[str] = typer.Option(None, "--focus", help="add a table: this method's speedup over each other, per seed")):
+           focus: Optional[str] = typer.Option(None, "--focus", help="add a table: this method's speedup over each other, per seed"),
+           at: Optional[str] = typer.Option(None, "--at", help="SECONDS[,SECONDS...]: the mean accuracy at these times "
+                                            "(with --focus: paired differences)")):
     """Summarize run folders: summary.json, summary.md, accuracy_vs_time.png, bytes_vs_accuracy.png."""
     from .report import report as build_report
 
-    summary = build_report(outs, out=out, target=target, baseline=baseline, focus=focus)
+    summary = build_report(outs, out=out, target=target, baseline=baseline, focus=focus, at_s=_seconds(at))
     typer.echo(summary["markdown"])
     typer.echo(f"wrote {', '.join(summary['files'])}", err=True)
+
+
+def _seconds(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise InputError(f"--at '{text}': expected seconds separated by commas, e.g. 180,360") from None
 
 
 @app.command("flower-demo")

@@ -34,6 +34,9 @@ setting (base + study overrides + variant overrides) the runner does, in this or
      is that run's mean participants per round (an online plan moves after its first round,
      so its starting plan is not what the baseline is compared with).
 
+The summaries also read every method's mean accuracy at half the time the reference took to
+the mean target and at that time, paired by seed against the study's first method.
+
 Jobs run in parallel worker processes (`workers`, one pool for the call); finished run
 folders are skipped, so an interrupted study resumes. A method run whose config is exactly
 that of another run of the call or of a finished run under OUT (two studies on one setting
@@ -62,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import (ConstantsConfig, InputError, RunConfig, dump_config, load_config, read_user_file, training_dump,
                      validate)
-from .rundir import copy_run, has_checkpoint, read_rows, run_status, training_view, write_atomic
+from .rundir import copy_run, has_checkpoint, read_rows, run_status, time_to_target, training_view, write_atomic
 
 EVAL_WINDOW = 3  # reference evaluations averaged into acc_ref
 
@@ -527,7 +530,8 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
             first = method_entries(spec)[0]
             ran = any((root / first.label).glob("*/metrics.jsonl"))
             focus = _group_label(spec, first) if ran else None  # None: it failed in every seed
-            summaries[name] = report([root], target=target, baseline=None, focus=focus, failed=failed)
+            summaries[name] = report([root], target=target, baseline=None, focus=focus, failed=failed,
+                                     at_s=_accuracy_times(st, rule))
     _raise_failures(runner)
     return summaries
 
@@ -571,6 +575,17 @@ def entry_config(cfg: RunConfig, entry: MethodEntry) -> RunConfig:
 
     raw = apply_overrides(cfg.model_dump(mode="json"), list(entry.overrides) + [f"method={entry.method}"])
     return validate(raw, f"method '{entry.label}'")
+
+
+def _accuracy_times(st: Setting, rule: dict) -> list[float]:
+    """When the summaries read every method's mean accuracy: at half the time the reference
+    took to the mean target and at that time (none without a mean target). Paired by seed,
+    such a reading resolves differences that a time to a target on the curve's flat part
+    does not (a first crossing there moves by rounds on noise of one evaluation)."""
+    if "mean_target" not in rule:
+        return []
+    t = time_to_target(read_rows(st.folder / "reference"), rule["mean_target"])
+    return [] if t is None else [round(0.5 * t), round(t)]
 
 
 def _matched_entry(spec: StudySpec, cfg: RunConfig) -> str | None:

@@ -6,7 +6,8 @@ by method (seeds of one method become one group), and writes
 
 - `summary.json`: per method, time to each target accuracy (mean, std, min, max over the
   seeds that reached it, and "reached k of n"), final accuracy, rounds, bytes, speedup;
-- `summary.md`: the same as readable tables;
+- `summary.md`: the same as readable tables (with `at_s`: the mean accuracy at those times,
+  and with `focus` its differences paired by seed);
 - `accuracy_vs_time.png`: one panel per task and one for the mean, accuracy against
   simulated time, one line per method (seeds: mean line, min/max band);
 - `bytes_vs_accuracy.png`: mean accuracy against cumulative upload bytes.
@@ -33,7 +34,7 @@ from .clients import client_rows, write_clients_plot
 from .markdown import render_markdown
 from .plots import PLOTS, step_band, write_plots
 from .runs import ALL, Run, Target, find_runs, load_run, parse_target
-from .summary import group_runs, paired_test, speedups_over, summarize
+from .summary import accuracy_over, group_runs, paired_test, speedups_over, summarize
 
 # ------------------------------------------------------------------ entry point
 
@@ -65,11 +66,12 @@ def _jsonable(x):
 
 def report(paths: Sequence[str | Path], out: str | Path | None = None, target: Target | str = None,
            baseline: str | None = None, plots: bool = True, focus: str | None = None,
-           failed: Sequence[str] = ()) -> dict:
+           failed: Sequence[str] = (), at_s: Sequence[float] = ()) -> dict:
     """Find run folders under `paths`, summarize them and write summary.json, summary.md and
     the plots into `out` (default: the first path). `failed`: lines naming runs that were
-    meant to be there but failed (listed, not counted). Returns the summary (with 'markdown'
-    and 'files'). Raises InputError on bad input."""
+    meant to be there but failed (listed, not counted); `at_s`: times at which to read the
+    mean accuracy (summary.accuracy_over pairs them by seed). Returns the summary (with
+    'markdown' and 'files'). Raises InputError on bad input."""
     if isinstance(target, str):
         target = parse_target(target)
     folders = find_runs(paths)
@@ -78,7 +80,7 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, target: T
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs, target=target, baseline=baseline, relative_to=out_dir, focus=focus)
+    summary = summarize(runs, target=target, baseline=baseline, relative_to=out_dir, focus=focus, at_s=at_s)
     summary["failed"] = list(failed)
     summary["clients"] = client_views(runs)
     markdown = render_markdown(summary)
@@ -92,6 +94,6 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, target: T
     return {**summary, "markdown": markdown, "files": [str(f) for f in files]}
 
 
-__all__ = ["ALL", "MEAN", "PLOTS", "Run", "Target", "find_runs", "group_runs", "load_run", "parse_target",
+__all__ = ["ALL", "MEAN", "PLOTS", "Run", "Target", "accuracy_over", "find_runs", "group_runs", "load_run", "parse_target",
            "paired_test", "render_markdown", "report", "speedups_over", "step_band", "summarize",
            "time_to_target"]

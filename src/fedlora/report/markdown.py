@@ -53,6 +53,22 @@ def _fmt_test(t: dict | None) -> list[str]:
     return [seeds, f"{t['faster']} / {t['slower']}", sign_p, gm, "—" if t["t_p"] is None else f"{t['t_p']:.3f}"]
 
 
+def _fmt_stat_of(s: dict, n: int) -> str:
+    return _fmt_stat(s) + ("" if s["n"] == n else f" ({s['n']}/{n})")
+
+
+def _fmt_diff(cell: dict) -> list[str]:
+    """seeds, difference [95%], t p, ahead / behind, sign p."""
+    def p(x):
+        return "—" if x is None else f"{x:.3f}"
+    n = len(cell["per_seed"])
+    if not n:
+        return ["0", "—", "—", "—", "—"]
+    iv = cell["interval"]
+    diff = f"{cell['mean']:+.3f}" + (f" [{iv[0]:+.3f}, {iv[1]:+.3f}]" if iv else "")
+    return [str(n), diff, p(cell["t_p"]), f"{cell['ahead']} / {cell['behind']}", p(cell["sign_p"])]
+
+
 def _rounds_cell(s: dict) -> str:
     if s["n"] and s["min"] == s["max"]:
         return str(int(s["min"]))
@@ -150,6 +166,24 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
                  for label, per_key in summary["focus"]["speedup_over"].items() for k in keys]
         out += _table(["vs", "target", "seeds", "faster / slower", "sign p", "geometric mean [95%]", "t p"],
                       [":--", ":--"] + ["--:"] * 5, rows4)
+    at = summary.get("accuracy_at_s") or []
+    if at:
+        out += ["", "## Mean accuracy at fixed times", "",
+                "Mean accuracy over tasks a user has at each time (simulated seconds, planning before round 1 "
+                "included: the initial accuracy until round 1 starts), linear between consecutive evaluations "
+                "and held after a finished run's last one; mean ± std over seeds, (k/n) when only k of n runs "
+                "cover the time.", ""]
+        rows5 = [[label] + [_fmt_stat_of(m["accuracy_at_s"][t], m["n"]) for t in at] for label, m in methods.items()]
+        out += _table(["method"] + [f"at {t} s" for t in at], [":--"] + ["--:"] * len(at), rows5)
+        if summary.get("focus"):
+            focus = summary["focus"]["method"]
+            out += ["", f"{focus}'s mean accuracy minus each method's, paired by seed: the mean difference with "
+                        "its 95% t interval and t-test p, and the seeds where it was ahead / behind with the exact "
+                        "two-sided sign-test p.", ""]
+            rows6 = [[label, f"{t} s"] + _fmt_diff(per_t[t])
+                     for label, per_t in summary["focus"]["accuracy_over"].items() for t in at]
+            out += _table(["vs", "at", "seeds", "difference [95%]", "t p", "ahead / behind", "sign p"],
+                          [":--", "--:"] + ["--:"] * 5, rows6)
     views = summary.get("clients") or {}
     shown = (summary.get("focus") or {}).get("method") or \
         next((m for m, v in views.items() if v["planned"]), next(iter(views), None))  # the planned method's table

@@ -233,3 +233,30 @@ def times_to_target(run: Run, keys: dict[str, Any]) -> dict[str, dict]:
             out[key] = {"time_s": pre + t, "training_time_s": t, "round": int(run.rows[i]["round"]),
                         "upload_bytes": int(sum(r.get("upload_bytes") or 0 for r in run.rows[:i + 1]))}
     return out
+
+
+
+def accuracy_at(run: Run, times_s: Sequence[float]) -> list[float | None]:
+    """Mean accuracy over tasks (eval_mean) at each time of the user's clock, which starts
+    with the planning before round 1 (pilots): the initial evaluation's (round 0) until
+    round 1 starts, then linear between consecutive evaluations; after the last evaluation
+    of a finished run its value (the run stopped, its adapter stays); None where no
+    evaluation covers the time (before the first one when there is no initial evaluation,
+    after the last one of an unfinished run)."""
+    pre = run.pre_run_planning_s
+    rows = run.evaluated
+    points = [(pre + float(r["sim_time_s"]), float(r["eval_mean"])) for r in rows]
+    out: list[float | None] = []
+    for t in times_s:
+        if not points or t > points[-1][0] and not run.finished:
+            out.append(None)
+        elif t <= points[0][0]:
+            initial = float(rows[0]["sim_time_s"]) == 0.0
+            out.append(points[0][1] if initial or t == points[0][0] else None)
+        elif t >= points[-1][0]:
+            out.append(points[-1][1])
+        else:
+            k = next(i for i, (x, _) in enumerate(points) if x >= t)
+            (x0, y0), (x1, y1) = points[k - 1], points[k]
+            out.append(y0 + (y1 - y0) * (t - x0) / (x1 - x0))
+    return out

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import MEAN, InputError
-from .runs import ALL, Run, Target, _check_target, _number, target_keys, times_to_target
+from .runs import ALL, Run, Target, _check_target, _number, accuracy_at, target_keys, times_to_target
 
 # ------------------------------------------------------------------ summary
 
@@ -76,10 +76,13 @@ def resolve_target(runs: Sequence[Run], override: Target = None) -> Target:
 
 
 def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None = None,
-              relative_to: Path | None = None, focus: str | None = None) -> dict:
-    """Group runs by method and reduce over seeds. See docs/report.md for every field."""
+              relative_to: Path | None = None, focus: str | None = None, at_s: Sequence[float] = ()) -> dict:
+    """Group runs by method and reduce over seeds; `at_s`: times (user's clock) at which the
+    mean accuracy is read (accuracy_at). See docs/report.md for every field."""
     if not runs:
         raise InputError("report: no runs")
+    if any(not (math.isfinite(t) and t > 0) for t in at_s):
+        raise InputError(f"accuracy times must be positive seconds, got {list(at_s)}")
     target = resolve_target(runs, target)
     tasks: list[str] = []
     for r in runs:
@@ -124,6 +127,9 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
                                           if _number(r.result.get("final_eval_mean"))])
         entry["final_eval"] = {t: stats([r.result["final_eval"][t] for r in finished
                                          if _number((r.result.get("final_eval") or {}).get(t))]) for t in tasks}
+        accs = [accuracy_at(r, at_s) for r in members]
+        entry["accuracy_at_s"] = {f"{t:g}": {**stats([a[k] for a in accs if a[k] is not None]),
+                                             "values": [a[k] for a in accs]} for k, t in enumerate(at_s)}
         entry["rounds"] = stats([r.rounds for r in members])
         entry["sim_time_s"] = stats([float(r.rows[-1]["sim_time_s"]) for r in members])
         entry["upload_bytes"] = stats([r.total_bytes("upload") for r in members])
@@ -143,9 +149,41 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
     if focus is not None and focus not in groups:
         raise InputError(f"focus method '{focus}': no runs of it (found: {', '.join(groups)})")
     out = {"target": target, "target_keys": list(keys), "primary_target": primary, "tasks": tasks,
-           "baseline": baseline, "methods": methods, "runs": run_rows}
+           "baseline": baseline, "methods": methods, "runs": run_rows, "accuracy_at_s": [f"{t:g}" for t in at_s]}
     if focus is not None:
-        out["focus"] = {"method": focus, "speedup_over": speedups_over(out, focus)}
+        out["focus"] = {"method": focus, "speedup_over": speedups_over(out, focus),
+                        "accuracy_over": accuracy_over(out, focus)}
+    return out
+
+
+def accuracy_over(summary: dict, focus: str) -> dict[str, dict[str, dict]]:
+    """`focus`'s mean accuracy minus every other method's at each time of `accuracy_at_s`,
+    paired by seed (seeds where both have a value): per-seed differences, their mean, the
+    seeds where focus was ahead / behind, the exact two-sided sign-test p, and the t interval
+    and p of a one-sample t-test of the differences against 0 (None with one seed or equal
+    differences)."""
+    from scipy import stats as st
+
+    mine = summary["methods"][focus]
+    out: dict[str, dict[str, dict]] = {}
+    for label, other in summary["methods"].items():
+        if label == focus:
+            continue
+        out[label] = {}
+        for t in summary["accuracy_at_s"]:
+            a = dict(zip(mine["seeds"], mine["accuracy_at_s"][t]["values"]))
+            b = dict(zip(other["seeds"], other["accuracy_at_s"][t]["values"]))
+            per_seed = {sd: a[sd] - b[sd] for sd in mine["seeds"] if a[sd] is not None and b.get(sd) is not None}
+            d = np.asarray(list(per_seed.values()), dtype=np.float64)
+            ahead, behind = int(np.sum(d > 0)), int(np.sum(d < 0))
+            cell = {"per_seed": per_seed, "mean": float(d.mean()) if d.size else None, "ahead": ahead,
+                    "behind": behind, "sign_p": float(st.binomtest(ahead, ahead + behind).pvalue) if ahead + behind else None,
+                    "interval": None, "t_p": None}
+            if d.size > 1 and np.ptp(d) > 0:
+                res = st.ttest_1samp(d, 0.0)
+                lo, hi = res.confidence_interval(0.95)
+                cell.update(interval=[float(lo), float(hi)], t_p=float(res.pvalue))
+            out[label][t] = cell
     return out
 
 
