@@ -522,18 +522,21 @@ def test_causal_save_peft_adapter_roundtrip(tiny_causal, tmp_path):
 
 
 # ---------------------------------------------------------------------------- real training
-# Measured (ARC-Easy, 300 test questions, rank 8 on query/value + head, alpha 16, batch 8,
-# AdamW lr 1e-3): 0.25 at init (all scores 0) -> 0.44-0.45 after 40-50 steps -> 0.46-0.47
-# after 60-100 steps, on two seeds. lr 2e-3 is noisier, 3e-3 unstable (peaks then falls).
-STEPS, LR, MARGIN, N_TEST = 80, 1e-3, 0.10, 200
+# Measured (ARC-Easy, 300 test questions, rank 8 on query/value of every block + head, alpha
+# 16, batch 8, AdamW lr 1e-3): 0.25 at init (all scores 0) -> 0.44-0.45 after 40-50 steps ->
+# 0.46-0.47 after 60-100 steps, on two seeds; lr 2e-3 noisier, 3e-3 unstable. The test runs
+# the studies' model instead (LoRA in the top block over the frozen blocks' cache, lr 3e-3,
+# about half the time): 0.24 -> 0.46 after 40 steps (0.465 after 80), 200 test questions.
+STEPS, LR, MARGIN, N_TEST = 40, 3e-3, 0.10, 200
 
 
 @pytest.mark.slow
 def test_short_training_run_improves_arc_easy_accuracy():
-    """80 AdamW steps of batch 8 on ARC-Easy train raise held-out accuracy far above the start."""
+    """40 AdamW steps of batch 8 on ARC-Easy train raise held-out accuracy far above the start
+    (LoRA in the top block, the studies' model)."""
     train, test = load_arc("train"), load_arc("test")
     test = random.Random(0).sample(test, N_TEST)
-    eng = Engine(ModelSpec(EMBEDDED_MODEL, max_length=64), rank=8, seed=0)
+    eng = Engine(ModelSpec(EMBEDDED_MODEL, max_length=64, lora_layers=(5,)), rank=8, seed=0)
     start = eng.init_state(0)
     order = list(range(len(train)))
     random.Random(0).shuffle(order)
