@@ -1,7 +1,7 @@
 """How much there is to learn: one adapter trained centrally on the pooled train questions,
 scored on the full test sets, gain per task in standard errors of one evaluation.
 
-A scouting measurement for choosing a study setting (docs/results.md, "Next setting"), not
+A scouting measurement for choosing a study setting (docs/results.md, "Scouting the 50-client setting"), not
 a compared run: the federated reference of a setting gains at most about this much.
 
     python experiments/central_gain.py --layers 5 --targets query,value --lr 3e-3 \\
