@@ -94,6 +94,6 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None, target: T
     return {**summary, "markdown": markdown, "files": [str(f) for f in files]}
 
 
-__all__ = ["ALL", "MEAN", "PLOTS", "Run", "Target", "accuracy_over", "find_runs", "group_runs", "load_run", "parse_target",
-           "paired_test", "render_markdown", "report", "speedups_over", "step_band", "summarize",
+__all__ = ["ALL", "MEAN", "PLOTS", "Run", "Target", "accuracy_over", "find_runs", "group_runs", "load_run",
+           "parse_target", "paired_test", "render_markdown", "report", "speedups_over", "step_band", "summarize",
            "time_to_target"]

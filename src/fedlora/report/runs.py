@@ -235,7 +235,6 @@ def times_to_target(run: Run, keys: dict[str, Any]) -> dict[str, dict]:
     return out
 
 
-
 def accuracy_at(run: Run, times_s: Sequence[float]) -> list[float | None]:
     """Mean accuracy over tasks (eval_mean) at each time of the user's clock, which starts
     with the planning before round 1 (pilots): the initial evaluation's (round 0) until

@@ -164,27 +164,31 @@ def accuracy_over(summary: dict, focus: str) -> dict[str, dict[str, dict]]:
     differences)."""
     from scipy import stats as st
 
-    mine = summary["methods"][focus]
     out: dict[str, dict[str, dict]] = {}
-    for label, other in summary["methods"].items():
-        if label == focus:
-            continue
-        out[label] = {}
-        for t in summary["accuracy_at_s"]:
-            a = dict(zip(mine["seeds"], mine["accuracy_at_s"][t]["values"]))
-            b = dict(zip(other["seeds"], other["accuracy_at_s"][t]["values"]))
-            per_seed = {sd: a[sd] - b[sd] for sd in mine["seeds"] if a[sd] is not None and b.get(sd) is not None}
-            d = np.asarray(list(per_seed.values()), dtype=np.float64)
-            ahead, behind = int(np.sum(d > 0)), int(np.sum(d < 0))
-            cell = {"per_seed": per_seed, "mean": float(d.mean()) if d.size else None, "ahead": ahead,
-                    "behind": behind, "sign_p": float(st.binomtest(ahead, ahead + behind).pvalue) if ahead + behind else None,
-                    "interval": None, "t_p": None}
-            if d.size > 1 and np.ptp(d) > 0:
-                res = st.ttest_1samp(d, 0.0)
-                lo, hi = res.confidence_interval(0.95)
-                cell.update(interval=[float(lo), float(hi)], t_p=float(res.pvalue))
-            out[label][t] = cell
+    for label, t, a, b in _by_seed(summary, focus, "accuracy_at_s", summary["accuracy_at_s"]):
+        per_seed = {sd: a[sd] - b[sd] for sd in a if a[sd] is not None and b.get(sd) is not None}
+        d = np.asarray(list(per_seed.values()), dtype=np.float64)
+        ahead, behind = int(np.sum(d > 0)), int(np.sum(d < 0))
+        sign_p = float(st.binomtest(ahead, ahead + behind).pvalue) if ahead + behind else None
+        cell = {"per_seed": per_seed, "mean": float(d.mean()) if d.size else None, "ahead": ahead,
+                "behind": behind, "sign_p": sign_p, "interval": None, "t_p": None}
+        if d.size > 1 and np.ptp(d) > 0:
+            res = st.ttest_1samp(d, 0.0)
+            lo, hi = res.confidence_interval(0.95)
+            cell.update(interval=[float(lo), float(hi)], t_p=float(res.pvalue))
+        out.setdefault(label, {})[t] = cell
     return out
+
+
+def _by_seed(summary: dict, focus: str, field: str, keys: Sequence[str]):
+    """For every other method and key: (its label, the key, focus's values by seed, its values
+    by seed), from the methods' `field`[key]["values"] (in the order of their seeds)."""
+    mine = summary["methods"][focus]
+    for label, other in summary["methods"].items():
+        if label != focus:
+            for key in keys:
+                yield (label, key, dict(zip(mine["seeds"], mine[field][key]["values"])),
+                       dict(zip(other["seeds"], other[field][key]["values"])))
 
 
 def speedups_over(summary: dict, focus: str) -> dict[str, dict[str, dict]]:
@@ -196,33 +200,26 @@ def speedups_over(summary: dict, focus: str) -> dict[str, dict[str, dict]]:
     seeds both give (a lower bound if any of those is one); None when focus missed a seed.
     """
     end_s = {(r["label"], r["seed"]): r.get("pre_run_planning_s", 0.0) + r["sim_time_s"] for r in summary["runs"]}
-    mine = summary["methods"][focus]
     out: dict[str, dict[str, dict]] = {}
-    for label, other in summary["methods"].items():
-        if label == focus:
-            continue
-        out[label] = {}
-        for key in summary["target_keys"]:
-            t_focus = dict(zip(mine["seeds"], mine["time_to_target_s"][key]["values"]))
-            t_other = dict(zip(other["seeds"], other["time_to_target_s"][key]["values"]))
-            seeds = [sd for sd in mine["seeds"] if sd in t_other]
-            per_seed, bound, missed = {}, False, False
-            for sd in seeds:
-                if t_focus[sd] is None:
-                    missed = True
-                    continue
-                theirs = t_other[sd] if t_other[sd] is not None else end_s[(label, sd)]
-                bound |= t_other[sd] is None
-                per_seed[sd] = {"ratio": theirs / t_focus[sd] if t_focus[sd] > 0 else math.inf,
-                                "at_least": t_other[sd] is None}
-            value, test = None, None
-            if per_seed and not missed:
-                test = paired_test([v["ratio"] for v in per_seed.values()], [v["at_least"] for v in per_seed.values()])
-                num = statistics.fmean(t_other[sd] if t_other[sd] is not None else end_s[(label, sd)] for sd in per_seed)
-                den = statistics.fmean(t_focus[sd] for sd in per_seed)
-                value = num / den if den > 0 else math.inf
-            out[label][key] = {"value": value, "at_least": bound, "focus_missed": missed, "per_seed": per_seed,
-                               "test": test}
+    for label, key, t_focus, t_other in _by_seed(summary, focus, "time_to_target_s", summary["target_keys"]):
+        seeds = [sd for sd in t_focus if sd in t_other]
+        per_seed, bound, missed = {}, False, False
+        for sd in seeds:
+            if t_focus[sd] is None:
+                missed = True
+                continue
+            theirs = t_other[sd] if t_other[sd] is not None else end_s[(label, sd)]
+            bound |= t_other[sd] is None
+            per_seed[sd] = {"ratio": theirs / t_focus[sd] if t_focus[sd] > 0 else math.inf,
+                            "at_least": t_other[sd] is None}
+        value, test = None, None
+        if per_seed and not missed:
+            test = paired_test([v["ratio"] for v in per_seed.values()], [v["at_least"] for v in per_seed.values()])
+            num = statistics.fmean(t_other[sd] if t_other[sd] is not None else end_s[(label, sd)] for sd in per_seed)
+            den = statistics.fmean(t_focus[sd] for sd in per_seed)
+            value = num / den if den > 0 else math.inf
+        out.setdefault(label, {})[key] = {"value": value, "at_least": bound, "focus_missed": missed,
+                                          "per_seed": per_seed, "test": test}
     return out
 
 
