@@ -13,7 +13,7 @@ h(xi_S) / h(D); the online model takes kappa = 1. Also printed: nu = ||xi_S||^2 
 rho = b / a along D (a = (L(x - D) - L(x + D)) / 2, b = (L(x + D) + L(x - D) - 2 L(x)) / 2), the
 step ratio the online estimator measures from consecutive updates (8.4).
 
-    python experiments/noise_curvature.py CONFIG OUT [--rounds 4,8,12] [--sample 10]
+    python experiments/noise_curvature.py CONFIG OUT [--rounds 3,6,10,15,20] [--sample 10]
         [--draws 8] [--questions 512] [OVERRIDES...]
     (the loss change of one sampled round from x, by the quadratic pieces: L(x + D) - L(x)
     + mean(h(xi_S) nu_S) ||D||^2 / 2, ||D||^2 = 2 rho a / h(D); docs/theory.md 8.6)
@@ -27,9 +27,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedlora import loop, simulate
 from fedlora.config import load_config
+from fedlora.methods.proposed import applied_update
 
 
 def combine(state, payloads, weights: dict[int, float], minus=None):
@@ -83,21 +85,23 @@ def main() -> None:
                 return setup.engine.mean_loss(s, scaling=scaling, questions=questions,
                                               batch_size=setup.cfg.eval.batch_size)
 
-            def curvature(v) -> float:
-                return (loss(shifted(state, v, 1.0)) + loss(shifted(state, v, -1.0)) - 2 * l0) / energy(v)
+            def along(v) -> tuple[float, float]:  # L(x + v), L(x - v)
+                return loss(shifted(state, v, 1.0)), loss(shifted(state, v, -1.0))
 
             l0 = loss(state)
             mean = combine(state, replies.payloads, {i: p[i] for i in ids})
-            up, down = loss(shifted(state, mean, 1.0)), loss(shifted(state, mean, -1.0))
-            h_mean = (up + down - 2 * l0) / energy(mean)
-            rho = (up + down - 2 * l0) / 2 / ((down - up) / 2)  # b / a along the mean update (8.4)
+            mean_energy = energy(mean)
+            up, down = along(mean)
+            h_mean = (up + down - 2 * l0) / mean_energy
+            rho = (up + down - 2 * l0) / (down - up)  # b / a along the mean update (8.4)
             q = args.sample / len(ids)
             h_noise, nu = [], []
             for _ in range(args.draws):
                 pick = sorted(rng.choice(ids, size=args.sample, replace=False).tolist())
                 xi = combine(state, replies.payloads, {i: p[i] / q for i in pick}, minus=mean)
-                h_noise.append(curvature(xi))
-                nu.append(energy(xi) / energy(mean))
+                xi_energy = energy(xi)
+                h_noise.append((sum(along(xi)) - 2 * l0) / xi_energy)
+                nu.append(xi_energy / mean_energy)
             row = {"round": t, "loss": l0, "loss_after_mean": up, "rho": rho, "h_mean": h_mean,
                    "h_noise": h_noise, "nu": nu,
                    "kappa": float(np.mean(h_noise) / h_mean),
@@ -109,9 +113,9 @@ def main() -> None:
                   f"+- {row['kappa_se']:.3f}  nu {np.mean(nu):.2f}", flush=True)
         new, out = close_round(setup, method, clock, prog, t, state, rc, jobs, replies)
         if t in at:  # D is what the server applied (full participation, weights p_i)
-            applied = energy({k: (new[k][0].double() - a.double() - mean[k][0],
-                                  new[k][1].double() - b.double() - mean[k][1]) for k, (a, b) in state.items()})
-            assert applied <= 1e-6 * energy(mean), f"D is not the applied update ({applied:.3g})"
+            flat_mean = torch.cat([torch.cat([mean[k][0].flatten(), mean[k][1].flatten()]) for k in sorted(state)])
+            gap = float(((applied_update(state, new) - flat_mean) ** 2).sum())
+            assert gap <= 1e-6 * energy(mean), f"D is not the applied update ({gap:.3g})"
         return new, out
 
     loop.close_round = measuring  # the loop looks it up at call time
