@@ -561,3 +561,40 @@ def test_plan_trace_reads_a_kept_run():
     plans = tool.plans(folder)
     assert [p["round"] for p in plans] == [r["round"] for r in rows if "plan" in r]
     assert plans[0]["clients_at_floor"] == 2  # two of the ten clients at q = 0.05 in the first plan
+
+
+def test_overview_of_studies_pairs_each_study_focus_with_the_others(tmp_path):
+    from fedlora.report.overview import OVERVIEW, write_overview
+
+    def curve(t_hit, end):
+        return [row(0, 0, ev={A: 0.3}), row(1, t_hit, ev={A: 0.7})] + ([row(2, end, ev={A: 0.7})] if end > t_hit else [])
+
+    tgt = {A: 0.6}
+    out = tmp_path / "studies"
+    # study "one": proposed 20 / 40 s, fslora 60 / 100 s (speedups 3.0 and 2.5)
+    for (m, sd), t in {("proposed", 0): 20, ("proposed", 1): 40, ("fslora", 0): 60, ("fslora", 1): 100}.items():
+        write_run(out / "one" / m / f"seed{sd}", curve(t, 100), method=m, seed=sd, target=tgt)
+    rp.report([out / "one"], focus="proposed", at_s=[10.0], plots=False)
+    # study "two", variant "v": proposed slower in its one seed (50 s against 25 s)
+    for m, t in {"proposed": 50, "fslora": 25}.items():
+        write_run(out / "two" / "v" / m / "seed0", curve(t, 60), method=m, seed=0, target=tgt)
+    rp.report([out / "two" / "v"], focus="proposed", plots=False)
+    rp.report([out / "two" / "v"], out=out / "two" / "nofocus", plots=False)  # no focus: not in the overview
+    assert write_overview(tmp_path / "empty") is None
+    md = write_overview(out).read_text()
+    assert write_overview(out) == out / OVERVIEW
+    assert "## one: proposed" in md and "## two/v: proposed" in md and "nofocus" not in md
+    logs = [math.log(3.0), math.log(2.5)]
+    mean, se = sum(logs) / 2, abs(logs[0] - logs[1]) / 2
+    t975_df1 = 12.706204736174705
+    p = 1 - 2 * math.atan(mean / se) / math.pi
+    lo, hi = math.exp(mean - t975_df1 * se), math.exp(mean + t975_df1 * se)
+    assert f"| fslora | {math.sqrt(7.5):.2f}× [{lo:.2f}–{hi:.2f}] 2/0 p {p:.3f} |" in md
+    assert "| fslora | 0.50× 0/1 |" in md  # one seed: no interval, no t
+    # accuracy at 10 s: both at 0.3 + 0.4 * 10 / t_hit; proposed minus fslora per seed
+    d = [0.4 * 10 / 20 - 0.4 * 10 / 60, 0.4 * 10 / 40 - 0.4 * 10 / 100]
+    assert f"| fslora | {sum(d) / 2:+.3f} [" in md and "2/0 p " in md
+    (out / "three").mkdir()
+    (out / "three" / "summary.json").write_text("{not json")
+    with pytest.raises(InputError, match="three/summary.json"):
+        write_overview(out)

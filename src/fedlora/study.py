@@ -41,7 +41,8 @@ Jobs run in parallel worker processes (`workers`, one pool for the call); finish
 folders are skipped, so an interrupted study resumes. A method run whose config is exactly
 that of another run of the call or of a finished run under OUT (two studies on one setting
 sharing a method) is trained once and copied (its folder says so in same_run_as.txt). Then
-report.report writes summary.md, summary.json and the plots per study (and variant).
+report.report writes summary.md, summary.json and the plots per study (and variant), and
+report.overview OUT/summary.md: every study's first method against the others, paired by seed.
 """
 
 from __future__ import annotations
@@ -349,6 +350,7 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
 def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: list[int] | None,
                  overrides: list[str] | None, only: list[str] | None, log: Callable[[str], None]) -> dict:
     from .report import MEAN, report
+    from .report.overview import write_overview
 
     studies = []
     for p in paths:
@@ -532,6 +534,9 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
             focus = _group_label(spec, first) if ran else None  # None: it failed in every seed
             summaries[name] = report([root], target=target, baseline=None, focus=focus, failed=failed,
                                      at_s=_accuracy_times(st, rule))
+    overview = write_overview(out)  # every study under OUT, not only this call's
+    if overview is not None:
+        log(f"overview of the studies under {out}: {overview}")
     _raise_failures(runner)
     return summaries
 
