@@ -169,6 +169,12 @@ def test_smoke_study_end_to_end(tmp_path, monkeypatch):
                 log=lambda m: None)
     assert (out / "smoke" / "fslora" / "seed0" / "result.json").exists() and not (out / "smoke" / "proposed").exists()
     assert "fslora" in (out / "smoke" / "summary.md").read_text()
+    # --report-only: the summaries of what OUT holds, nothing trained or started
+    (out / "smoke" / "summary.md").unlink()
+    files = sorted(p for p in out.rglob("*") if p.name != "summary.md")
+    run_studies([ROOT / "experiments" / "smoke.yaml"], out, report_only=True, progress=False, log=lambda m: None)
+    assert "fslora" in (out / "smoke" / "summary.md").read_text() and not (out / "smoke" / "proposed").exists()
+    assert sorted(p for p in out.rglob("*") if p.name != "summary.md") == files
     summaries = run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, progress=False, log=lambda m: None)
     (setting,) = list((out / "settings").iterdir())
     rule = json.loads((setting / "targets.json").read_text())
@@ -342,6 +348,9 @@ def test_cli_study_bad_input_exits_2(tmp_path):
     assert res.exit_code == 2 and "no such study file" in res.output
     res = CliRunner().invoke(app, ["study", str(ROOT / "experiments" / "smoke.yaml"), "--workers", "0"])
     assert res.exit_code == 2 and "--workers" in res.output
+    res = CliRunner().invoke(app, ["study", str(ROOT / "experiments" / "smoke.yaml"), "-o", str(tmp_path / "o"),
+                                   "--report-only"])
+    assert res.exit_code == 2 and "no finished reference" in res.output and "run the study first" in res.output
     assert not (tmp_path / "o").exists()
 
 

@@ -185,6 +185,8 @@ def study(studies: list[Path] = typer.Argument(..., help="study files (experimen
           methods: Optional[str] = typer.Option(None, "--methods", help="fslora,hetlora: run only these method "
                                                 "labels (default: all; a later call adds the others)"),
           quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+          report_only: bool = typer.Option(False, "--report-only", help="run nothing: write the reports of what OUT "
+                                           "holds now (runs still going are flagged unfinished)"),
           overrides: Optional[list[str]] = typer.Option(None, "--set", help="override for every run, e.g. train.rounds=5")):
     """Run studies: reference, targets fixed from it, pilots, then every method and seed; write the reports."""
     from .compare import parse_names, parse_seeds
@@ -196,8 +198,8 @@ def study(studies: list[Path] = typer.Argument(..., help="study files (experimen
     log = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     try:
         summaries = run_studies(studies, out, workers=workers, seeds=parse_seeds(seeds), overrides=overrides or [],
-                                methods=parse_names(methods),
-                                progress=not quiet, log=log)
+                                methods=parse_names(methods), progress=not quiet, log=log,
+                                report_only=report_only)
     except RuntimeError as e:  # some runs failed: the others finished and are reported
         typer.echo(str(e), err=True)
         raise typer.Exit(1)

@@ -333,25 +333,26 @@ class Runner:
 # ----------------------------------------------------------------------------- the study
 def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, seeds: list[int] | None = None,
                 overrides: list[str] | None = None, methods: list[str] | None = None, progress: bool = True,
-                log: Callable[[str], None] | None = None) -> dict:
+                log: Callable[[str], None] | None = None, report_only: bool = False) -> dict:
     """Run the study files into OUT (shared references and pilots under OUT/settings/);
     returns {study name: report summary}. `methods`: only the entries with these labels run
-    (the others are left for a later call; the summaries cover every finished run). Raises
-    InputError on bad input, RuntimeError when runs failed (after every other run is done
-    and reported)."""
+    (the others are left for a later call; the summaries cover every finished run).
+    `report_only`: run nothing, write the summaries of what OUT holds now (its references
+    must be done; runs still going are flagged unfinished), e.g. beside a running call.
+    Raises InputError on bad input, RuntimeError when runs failed (after every other run is
+    done and reported)."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    runner = Runner(workers, log, progress)
+    runner = Runner(workers if not report_only else 1, log, progress)
     try:
-        return _run_studies(runner, paths, Path(out), seeds=seeds, overrides=overrides, only=methods, log=log)
+        return _run_studies(runner, paths, Path(out), seeds=seeds, overrides=overrides, only=methods, log=log,
+                            report_only=report_only)
     finally:
         runner.close()
 
 
 def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: list[int] | None,
-                 overrides: list[str] | None, only: list[str] | None, log: Callable[[str], None]) -> dict:
-    from .report import MEAN, report
-    from .report.overview import write_overview
-
+                 overrides: list[str] | None, only: list[str] | None, log: Callable[[str], None],
+                 report_only: bool = False) -> dict:
     studies = []
     for p in paths:
         spec, variants = load_study(p, overrides)
@@ -396,9 +397,14 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
         c.train.target_accuracy, c.train.max_sim_time_s = None, None
         c.eval.probe_examples = pilot_config(st.cfg).probe_examples  # the pilots' loss measure
         jobs.append(Job("reference", c, st.folder / "reference", label=f"reference {key}"))
-    log(f"{len(settings)} setting(s): references")
-    runner.run(jobs)
-    _raise_failures(runner)
+    if report_only:
+        missing = [str(j.folder) for j in jobs if not (j.folder / "result.json").exists()]
+        if missing:
+            raise InputError(f"--report-only: no finished reference in {', '.join(missing)}; run the study first")
+    else:
+        log(f"{len(settings)} setting(s): references")
+        runner.run(jobs)
+        _raise_failures(runner)
     rules = {}
     for key, st in settings.items():
         spec = ref_specs[key]
@@ -414,9 +420,13 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
                         f"{EVAL_WINDOW} evaluations of '{spec.reference}' seed 0; tasks gaining < {spec.min_gain}: "
                         "no target; pilot loss = reference probe loss (train loss where no probe), 3-round mean, "
                         "after two thirds of its rounds")
-        _write_json(st.folder / "targets.json", rule)
+        if not report_only:
+            _write_json(st.folder / "targets.json", rule)
+            log(f"setting {key}: targets {rule['targets']}"
+                + (f", no gain on {rule['no_gain']}" if rule["no_gain"] else ""))
         rules[key] = rule
-        log(f"setting {key}: targets {rule['targets']}" + (f", no gain on {rule['no_gain']}" if rule["no_gain"] else ""))
+    if report_only:
+        return _write_summaries(plan, rules, out, runner.failures, log)
 
     # 2. pilots and methods, seed by seed (a cut-short call leaves whole seeds): a method
     # planned from pilots waits for its seed's pilots and their constants
@@ -520,6 +530,16 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
             raise InputError(f"{labels}: matched to the run {folder}, which has not finished and is not "
                              "chosen (--methods): run its method too")
     runner.run(pilots + methods, release)
+    summaries = _write_summaries(plan, rules, out, runner.failures, log)
+    _raise_failures(runner)
+    return summaries
+
+
+def _write_summaries(plan: list, rules: dict, out: Path, failures: list[tuple[str, str]],
+                     log: Callable[[str], None]) -> dict:
+    """report.report per study (and variant) that has runs, then the overview of OUT."""
+    from .report import MEAN, report
+    from .report.overview import write_overview
 
     summaries = {}
     for spec, vname, st, root in plan:
@@ -527,7 +547,7 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
             rule = rules[st.key]
             target = {**rule["targets"], **({MEAN: rule["mean_target"]} if "mean_target" in rule else {})}
             name = _study_label(spec.name, vname)
-            failed = [_failure_line(label, msg) for label, msg in runner.failures
+            failed = [_failure_line(label, msg) for label, msg in failures
                       if label.startswith(name + " ") or label.startswith(f"constants {st.key} ")]
             first = method_entries(spec)[0]
             ran = any((root / first.label).glob("*/metrics.jsonl"))
@@ -537,7 +557,6 @@ def _run_studies(runner: Runner, paths: list[str | Path], out: Path, *, seeds: l
     overview = write_overview(out)  # every study under OUT, not only this call's
     if overview is not None:
         log(f"overview of the studies under {out}: {overview}")
-    _raise_failures(runner)
     return summaries
 
 
