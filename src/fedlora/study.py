@@ -342,7 +342,7 @@ def run_studies(paths: list[str | Path], out: str | Path, *, workers: int = 1, s
     Raises InputError on bad input, RuntimeError when runs failed (after every other run is
     done and reported)."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    runner = Runner(workers if not report_only else 1, log, progress)
+    runner = Runner(workers, log, progress)  # its pool starts with the first job: none when report_only
     try:
         return _run_studies(runner, paths, Path(out), seeds=seeds, overrides=overrides, only=methods, log=log,
                             report_only=report_only)
