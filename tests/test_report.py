@@ -583,6 +583,7 @@ def test_overview_of_studies_pairs_each_study_focus_with_the_others(tmp_path):
     assert write_overview(tmp_path / "empty") is None
     md = write_overview(out).read_text()
     assert write_overview(out) == out / OVERVIEW
+    assert (out / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the forest plot beside it
     assert "## one: proposed" in md and "## two/v: proposed" in md and "nofocus" not in md
     logs = [math.log(3.0), math.log(2.5)]
     mean, se = sum(logs) / 2, abs(logs[0] - logs[1]) / 2

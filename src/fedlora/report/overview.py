@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..config import InputError
 from ..rundir import write_atomic
 from .markdown import _table
 from .runs import ALL
 
-OVERVIEW = "summary.md"
+OVERVIEW, OVERVIEW_PLOT = "summary.md", "speedups.png"
 
 
 def study_summaries(out: Path) -> dict[str, dict]:
@@ -96,12 +98,61 @@ def render_overview(summaries: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
+def write_overview_plot(summaries: dict[str, dict], path: Path) -> Path:
+    """A forest plot of the speedups: one row per (study, other method), one panel per target
+    (each task, the mean, all tasks), the geometric mean with its 95% interval on a log axis;
+    an open marker where some ratios are lower bounds, none where the focus missed a seed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def keys_of(summary: dict) -> list[str]:
+        return [k for k in summary["target_keys"] if k != ALL] + [ALL] * (ALL in summary["target_keys"])
+
+    panels = list(dict.fromkeys(k for s in summaries.values() for k in keys_of(s)))
+    rows = [(name, label, per_key) for name, s in summaries.items()
+            for label, per_key in s["focus"]["speedup_over"].items()]
+    fig = Figure(figsize=(2.6 * len(panels) + 2.5, 0.32 * len(rows) + 1.4), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    y = np.arange(len(rows))[::-1]
+    for ax, key in zip(axes, panels):
+        for yi, (name, _label, per_key) in zip(y, rows):
+            test = (per_key.get(key) or {}).get("test")
+            if not test or test["geometric_mean"] is None or per_key[key].get("focus_missed"):
+                continue
+            gm, iv = test["geometric_mean"], test["interval"]
+            color = f"C{list(summaries).index(name) % 10}"
+            if iv is not None:
+                ax.plot(iv, [yi, yi], color=color, linewidth=1.5)
+            ax.plot([gm], [yi], "o", color=color, markerfacecolor="white" if test["bounds"] else color)
+        ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title("all tasks" if key == ALL else key, fontsize="medium")
+        ax.grid(alpha=0.3, axis="x")
+        ax.set_xlabel("speedup (×)")
+    def seeds(per_key: dict) -> str:
+        n = max((len(c["per_seed"]) for c in per_key.values()), default=0)
+        return f"{n} seed{'s' * (n != 1)}"
+
+    axes[0].set_yticks(y, [f"{name}: vs {label} ({seeds(pk)})" for name, label, pk in rows], fontsize="small")
+    fig.suptitle("Each study's first method against the others: time-to-target ratio, geometric mean over seeds "
+                 "[95%] (open: some lower bounds)", fontsize="medium")
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def write_overview(out: str | Path) -> Path | None:
-    """Write OUT/summary.md from the study summaries under OUT; None when there are none."""
+    """Write OUT/summary.md and OUT/speedups.png from the study summaries under OUT; None when
+    there are none."""
     out = Path(out)
     summaries = study_summaries(out)
     if not summaries:
         return None
     path = out / OVERVIEW
-    write_atomic(path, render_overview(summaries))
+    write_overview_plot(summaries, out / OVERVIEW_PLOT)
+    write_atomic(path, render_overview(summaries) + f"\nPlot: {OVERVIEW_PLOT} (the speedups above as a forest plot).\n")
     return path
