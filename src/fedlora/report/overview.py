@@ -45,6 +45,10 @@ def _p(p: float | None) -> str:
     return " p < 0.001" if p < 0.001 else f" p {p:.3f}"
 
 
+def _bound(v: float) -> str:
+    return "<0.01" if v < 0.01 else ">100" if v > 100 else f"{v:.2f}"
+
+
 def speedup_cell(cell: dict) -> str:
     """'1.28× [0.89–1.84] 3/2 p 0.129': the geometric mean of the per-seed speedups ('≥': some
     enter at a lower bound), its 95% interval, seeds faster / slower, the t-test p."""
@@ -52,8 +56,8 @@ def speedup_cell(cell: dict) -> str:
     if cell.get("focus_missed") or not test or test["geometric_mean"] is None:
         return "focus missed a seed" if cell.get("focus_missed") else "—"
     text = f"{'≥' if test['bounds'] else ''}{test['geometric_mean']:.2f}×"
-    if test["interval"] is not None:
-        text += f" [{test['interval'][0]:.2f}–{test['interval'][1]:.2f}]"
+    if test["interval"] is not None:  # with two seeds (1 degree of freedom) it can span 1e-5 to 1e5
+        text += f" [{_bound(test['interval'][0])}–{_bound(test['interval'][1])}]"
     text += f" {test['faster']}/{test['slower']}"
     return text + _p(test["t_p"])
 
@@ -116,7 +120,11 @@ def write_overview_plot(summaries: dict[str, dict], path: Path) -> Path:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     y = np.arange(len(rows))[::-1]
+    means = [c["test"]["geometric_mean"] for _n, _l, pk in rows for c in pk.values()
+             if c.get("test") and c["test"]["geometric_mean"] and not c.get("focus_missed")]
+    xlim = (min([0.5, *means]) / 1.5, max([2.0, *means]) * 1.5)  # intervals past it are cut at the edge
     for ax, key in zip(axes, panels):
+        ax.set_xlim(*xlim)
         for yi, (name, _label, per_key) in zip(y, rows):
             test = (per_key.get(key) or {}).get("test")
             if not test or test["geometric_mean"] is None or per_key[key].get("focus_missed"):
