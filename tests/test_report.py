@@ -592,6 +592,11 @@ def test_overview_of_studies_pairs_each_study_focus_with_the_others(tmp_path):
     lo, hi = math.exp(mean - t975_df1 * se), math.exp(mean + t975_df1 * se)
     assert f"| fslora | {math.sqrt(7.5):.2f}× [{lo:.2f}–{hi:.2f}] 2/0 p {p:.3f} |" in md
     assert "| fslora | 0.50× 0/1 |" in md  # one seed: no interval, no t
+    from fedlora.report.overview import speedup_cell
+    wide = {"seeds": 2, "bounds": 1, "faster": 2, "slower": 0, "geometric_mean": 4.4, "interval": [2e-5, 9.8e4],
+            "t_p": 0.31}
+    assert speedup_cell({"test": wide, "focus_missed": False}) == "≥4.40× [<0.01–>100] 2/0 p 0.310"
+    assert speedup_cell({"test": None, "focus_missed": True}) == "focus missed a seed"
     # accuracy at 10 s: both at 0.3 + 0.4 * 10 / t_hit; proposed minus fslora per seed
     d = [0.4 * 10 / 20 - 0.4 * 10 / 60, 0.4 * 10 / 40 - 0.4 * 10 / 100]
     assert f"| fslora | {sum(d) / 2:+.3f} [" in md and "2/0 p " in md
