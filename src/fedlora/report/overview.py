@@ -33,6 +33,11 @@ def study_summaries(out: Path) -> dict[str, dict]:
     return found
 
 
+def _keys(summary: dict) -> list[str]:
+    """The study's target keys, 'all tasks' last."""
+    return [k for k in summary["target_keys"] if k != ALL] + [ALL] * (ALL in summary["target_keys"])
+
+
 def _key_name(key: str, target: dict) -> str:
     if key == ALL:
         return "all tasks"
@@ -84,7 +89,7 @@ def render_overview(summaries: dict[str, dict]) -> str:
     for name, summary in summaries.items():
         focus = summary["focus"]["method"]
         target = summary["target"]
-        keys = [k for k in summary["target_keys"] if k != ALL] + [ALL] * (ALL in summary["target_keys"])
+        keys = _keys(summary)
         seeds = sorted({r["seed"] for r in summary["runs"] if r.get("seed") is not None})
         out += [f"## {name}: {focus}", "", f"Seeds {', '.join(map(str, seeds))}; "
                 f"targets: {', '.join(f'{k} {v:g}' for k, v in target.items())}.", ""]
@@ -110,10 +115,8 @@ def write_overview_plot(summaries: dict[str, dict], path: Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    def keys_of(summary: dict) -> list[str]:
-        return [k for k in summary["target_keys"] if k != ALL] + [ALL] * (ALL in summary["target_keys"])
-
-    panels = list(dict.fromkeys(k for s in summaries.values() for k in keys_of(s)))
+    panels = list(dict.fromkeys(k for s in summaries.values() for k in _keys(s)))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(summaries)}
     rows = [(name, label, per_key) for name, s in summaries.items()
             for label, per_key in s["focus"]["speedup_over"].items()]
     fig = Figure(figsize=(2.6 * len(panels) + 2.5, 0.32 * len(rows) + 1.4), constrained_layout=True)
@@ -130,10 +133,9 @@ def write_overview_plot(summaries: dict[str, dict], path: Path) -> Path:
             if not test or test["geometric_mean"] is None or per_key[key].get("focus_missed"):
                 continue
             gm, iv = test["geometric_mean"], test["interval"]
-            color = f"C{list(summaries).index(name) % 10}"
             if iv is not None:
-                ax.plot(iv, [yi, yi], color=color, linewidth=1.5)
-            ax.plot([gm], [yi], "o", color=color, markerfacecolor="white" if test["bounds"] else color)
+                ax.plot(iv, [yi, yi], color=colors[name], linewidth=1.5)
+            ax.plot([gm], [yi], "o", color=colors[name], markerfacecolor="white" if test["bounds"] else colors[name])
         ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
