@@ -600,6 +600,10 @@ def test_overview_of_studies_pairs_each_study_focus_with_the_others(tmp_path):
     # accuracy at 10 s: both at 0.3 + 0.4 * 10 / t_hit; proposed minus fslora per seed
     d = [0.4 * 10 / 20 - 0.4 * 10 / 60, 0.4 * 10 / 40 - 0.4 * 10 / 100]
     assert f"| fslora | {sum(d) / 2:+.3f} [" in md and "2/0 p " in md
+    # at a glance: one row per pair (no mean or all-tasks target here: one task), the later fixed time's difference
+    glance = md.split("## At a glance")[1].split("## one")[0]
+    assert f"| one | proposed vs fslora | {sum(d) / 2:+.3f} [" in glance and "(10 s) |" in glance
+    assert "| two/v | proposed vs fslora | — |" in glance  # no fixed times asked in that study
     (out / "three").mkdir()
     (out / "three" / "summary.json").write_text("{not json")
     with pytest.raises(InputError, match="three/summary.json"):

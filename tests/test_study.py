@@ -191,7 +191,9 @@ def test_smoke_study_end_to_end(tmp_path, monkeypatch):
         assert res["stop_reason"] in ("target_accuracy", "max_sim_time", "max_rounds")
     assert (out / "smoke" / "summary.md").exists()
     assert set(summaries) == {"smoke"}
-    assert "## smoke: " in (out / "summary.md").read_text()  # the overview of every study under OUT
+    overview = (out / "summary.md").read_text()
+    assert "## smoke: " in overview  # the overview of every study under OUT
+    assert "| study | pair | all tasks |" in overview and "| smoke | proposed vs fslora | " in overview  # at a glance
     # a second call finds every run finished and trains nothing
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     run_studies([ROOT / "experiments" / "smoke.yaml"], out, workers=1, progress=False, log=lambda m: None)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import InputError
+from ..config import MEAN, InputError
 from ..rundir import write_atomic
 from .markdown import _table
 from .runs import ALL
@@ -78,6 +78,23 @@ def difference_cell(cell: dict) -> str:
     return text + _p(cell["t_p"])
 
 
+def render_glance(summaries: dict[str, dict]) -> list[str]:
+    """One row per (study, other method): the speedup on the mean-accuracy target and on all
+    task targets at once, and the mean-accuracy difference at the study's last fixed time."""
+    keys = [k for k in (MEAN, ALL) if any(k in s["target_keys"] for s in summaries.values())]
+    rows = []
+    for name, summary in summaries.items():
+        times = summary.get("accuracy_at_s") or []
+        accuracy = summary["focus"].get("accuracy_over") or {}
+        for label, per_key in summary["focus"]["speedup_over"].items():
+            at = f"{difference_cell(accuracy[label][times[-1]])} ({times[-1]} s)" if times and label in accuracy else "—"
+            rows.append([name, f"{summary['focus']['method']} vs {label}"]
+                        + [speedup_cell(per_key[k]) if k in per_key else "—" for k in keys] + [at])
+    names = {MEAN: "mean target", ALL: "all tasks"}
+    return _table(["study", "pair"] + [names[k] for k in keys] + ["mean accuracy at the later fixed time"],
+                  [":--", ":--"] + ["--:"] * (len(keys) + 1), rows)
+
+
 def render_overview(summaries: dict[str, dict]) -> str:
     out = ["# fedlora studies: overview", "",
            "Each study's (and variant's) first method against each other method, paired by seed: the geometric "
@@ -85,7 +102,12 @@ def render_overview(summaries: dict[str, dict]) -> str:
            "counts planning) with its 95% t interval, the seeds where the first method was faster / slower, and "
            "the t-test p on the log ratios. '≥': some ratios enter at a lower bound (the other method missed the "
            "target in that seed, its capped run length stands in), which can only understate the speedup. A study's "
-           "own summary.md has the times, the per-seed ranges and the sign tests.", ""]
+           "own summary.md has the times, the per-seed ranges and the sign tests.", "",
+           "## At a glance", "",
+           "The mean-accuracy target and all task targets at once, and the first method's mean accuracy minus the "
+           "other's at the study's later fixed time (mean difference [95%], seeds ahead / behind, t p); the "
+           "sections below have every task.", ""]
+    out += render_glance(summaries) + [""]
     for name, summary in summaries.items():
         focus = summary["focus"]["method"]
         target = summary["target"]
