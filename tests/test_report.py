@@ -276,6 +276,20 @@ def test_pilot_estimated_constants_do_not_split_seeds_but_hand_set_ones_do(tmp_p
             assert len(groups) == 2 and all(len(g) == 1 for g in groups.values())
 
 
+def test_matched_expected_participants_do_not_split_a_study_entry_but_entries_stay_apart(tmp_path):
+    """A study sets a matched baseline's expected participants from the matched run of each
+    seed: seeds 0 and 1 of one entry are one method; two entries stay two groups."""
+    for entry, values in (("sample_uniform", (40.0, 44.8)), ("sample_uniform_small", (5.0, 5.0))):
+        for seed, e in enumerate(values):
+            path = write_run(tmp_path / entry / f"seed{seed}", ROWS, method="sample_uniform", seed=seed)
+            cfg = load_config(path / "config.yaml")
+            cfg.sampling.expected_participants = e
+            (path / "config.yaml").write_text(dump_config(cfg))
+    groups = rp.group_runs([rp.load_run(p) for p in rp.find_runs([tmp_path])])
+    assert sorted(groups) == ["sample_uniform@sample_uniform", "sample_uniform@sample_uniform_small"]
+    assert all(len(g) == 2 for g in groups.values())
+
+
 def test_per_task_target_with_a_mean_entry_times_the_mean_apart_from_all(tmp_path):
     write_run(tmp_path / "m", ROWS)
     summary = rp.summarize([rp.load_run(tmp_path / "m")], target={A: 0.6, B: 0.6, "mean": 0.6})
@@ -596,7 +610,7 @@ def test_overview_of_studies_pairs_each_study_focus_with_the_others(tmp_path):
     wide = {"seeds": 2, "bounds": 1, "faster": 2, "slower": 0, "geometric_mean": 4.4, "interval": [2e-5, 9.8e4],
             "t_p": 0.31}
     assert speedup_cell({"test": wide, "focus_missed": False}) == "≥4.40× [<0.01–>100] 2/0 p 0.310"
-    assert speedup_cell({"test": None, "focus_missed": True}) == "focus missed a seed"
+    assert speedup_cell({"test": None, "focus_missed": True}) == "first method missed a seed"
     # accuracy at 10 s: both at 0.3 + 0.4 * 10 / t_hit; proposed minus fslora per seed
     d = [0.4 * 10 / 20 - 0.4 * 10 / 60, 0.4 * 10 / 40 - 0.4 * 10 / 100]
     assert f"| fslora | {sum(d) / 2:+.3f} [" in md and "2/0 p " in md

@@ -59,7 +59,7 @@ def speedup_cell(cell: dict) -> str:
     enter at a lower bound), its 95% interval, seeds faster / slower, the t-test p."""
     test = cell.get("test")
     if cell.get("focus_missed") or not test or test["geometric_mean"] is None:
-        return "focus missed a seed" if cell.get("focus_missed") else "—"
+        return "first method missed a seed" if cell.get("focus_missed") else "—"
     text = f"{'≥' if test['bounds'] else ''}{test['geometric_mean']:.2f}×"
     if test["interval"] is not None:  # with two seeds (1 degree of freedom) it can span 1e-5 to 1e5
         text += f" [{_bound(test['interval'][0])}–{_bound(test['interval'][1])}]"

@@ -35,6 +35,12 @@ def _config_key(run: Run) -> str:
         # like its data split, not a setting of the method
         planner["constants"] = "pilots"
         cfg["planner"] = planner
+    sampling = dict(cfg.get("sampling") or {})
+    if sampling.get("expected_participants") is not None and run.path.name.startswith("seed"):
+        # a study's matched sampling baseline: its expected participants are the matched run's
+        # mean of that seed, an outcome of the seed; the study entry (folder) names the config
+        sampling["expected_participants"] = f"entry {run.path.parent.name}"
+        cfg["sampling"] = sampling
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
