@@ -67,6 +67,30 @@ def test_time_to_target_first_evaluation_at_or_above():
     assert rp.time_to_target(ROWS, None) is None
 
 
+def test_rounds_to_target_split_the_clock_into_rounds_and_round_length(tmp_path):
+    """By hand: seed 0 reaches eval_mean 0.6 at round 2 (25 s, 12.5 s a round) with 3 then 1
+    participants (2.0 a round); seed 1's rows reach it only at round 5 (70 s, 14 s a round,
+    participants 2, 2, 2, 2, 2); a third run never reaches it and is left out of the means."""
+    def rows_with(participants):
+        return [dict(r, participants=list(range(n))) for r, n in zip(ROWS, participants)]
+    write_run(tmp_path / "m" / "seed0", rows_with([0, 3, 1, 5, 5, 5]), seed=0)
+    late = rows_with([0, 2, 2, 2, 2, 2])
+    for r in late[1:5]:
+        r.pop("eval", None), r.pop("eval_mean", None)
+    write_run(tmp_path / "m" / "seed1", late, seed=1)
+    write_run(tmp_path / "m" / "seed2", [dict(r, eval_mean=0.3) if "eval_mean" in r else r for r in ROWS], seed=2)
+    runs = [rp.load_run(p) for p in rp.find_runs([tmp_path])]
+    summary = rp.summarize(runs, target={"mean": 0.6}, relative_to=tmp_path)
+    d = summary["methods"]["manual"]["rounds_to_target"]["mean"]
+    assert d["rounds"]["n"] == 2 and d["rounds"]["mean"] == pytest.approx(3.5)
+    assert d["round_s"]["mean"] == pytest.approx((12.5 + 14.0) / 2)
+    assert d["participants"]["mean"] == pytest.approx((2.0 + 2.0) / 2)
+    assert {r["seed"]: r["rounds_to_target"]["mean"] for r in summary["runs"]} == {0: 2, 1: 5, 2: None}
+    md = rp.render_markdown(summary)
+    assert "## Rounds and round length to the target (mean)" in md
+    assert "| manual | 3.5 ± 2.1 (2/3) | 13.2 ± 1.1 | 2.0 ± 0.0 |" in md
+
+
 def test_run_summary_float_target_from_config(tmp_path):
     write_run(tmp_path / "one", ROWS, target=0.6)
     s = rp.summarize([rp.load_run(tmp_path / "one")])

@@ -221,17 +221,23 @@ def target_keys(target: Target, tasks: Sequence[str]) -> dict[str, float | dict[
 def times_to_target(run: Run, keys: dict[str, Any]) -> dict[str, dict]:
     """Per key, at the first reaching evaluation (None if never): 'time_s' = what a user waits
     for (planning before round 1 + the run's clock, which holds the in-run planning),
-    'training_time_s' = the run's clock alone, 'round', 'upload_bytes'."""
+    'training_time_s' = the run's clock alone, 'round', 'upload_bytes', and 'participants',
+    the mean participants of the rounds up to it (None when the target held before round 1).
+    The run's clock is rounds x mean round length: where a method gains, on which."""
     out = {}
     pre = run.pre_run_planning_s
     for key, tgt in keys.items():
         i = first_reaching(run.rows, tgt, None if key in (MEAN, ALL) else key)
         if i is None:
-            out[key] = {"time_s": None, "training_time_s": None, "round": None, "upload_bytes": None}
+            out[key] = {"time_s": None, "training_time_s": None, "round": None, "upload_bytes": None,
+                        "participants": None}
         else:
             t = float(run.rows[i]["sim_time_s"])
+            rounds = [r for r in run.rows[:i + 1] if int(r["round"]) >= 1]
             out[key] = {"time_s": pre + t, "training_time_s": t, "round": int(run.rows[i]["round"]),
-                        "upload_bytes": int(sum(r.get("upload_bytes") or 0 for r in run.rows[:i + 1]))}
+                        "upload_bytes": int(sum(r.get("upload_bytes") or 0 for r in run.rows[:i + 1])),
+                        "participants": (sum(len(r.get("participants") or []) for r in rounds) / len(rounds)
+                                         if rounds else None)}
     return out
 
 

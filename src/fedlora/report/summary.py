@@ -115,7 +115,8 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
             "method": members[0].method, "n": len(members), "finished": len(finished),
             "seeds": [r.seed for r in members], "runs": [where(r.path) for r in members],
             "stop_reasons": {}, "time_to_target_s": {}, "training_time_to_target_s": {},
-            "upload_to_target_bytes": {}, "planning_time_s": stats([r.planning_time_s for r in members]),
+            "upload_to_target_bytes": {}, "rounds_to_target": {},
+            "planning_time_s": stats([r.planning_time_s for r in members]),
         }
         for r in members:
             entry["stop_reasons"][r.stop_reason] = entry["stop_reasons"].get(r.stop_reason, 0) + 1
@@ -129,6 +130,11 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
                                                        "of": len(members)}
             entry["upload_to_target_bytes"][key] = stats([t[key]["upload_bytes"] for t in ttt_runs
                                                           if t[key]["upload_bytes"] is not None])
+            trained = [t[key] for t in ttt_runs if t[key]["round"]]  # reached, after round 1 or later
+            entry["rounds_to_target"][key] = {
+                "rounds": stats([t["round"] for t in trained]),
+                "round_s": stats([t["training_time_s"] / t["round"] for t in trained]),
+                "participants": stats([t["participants"] for t in trained])}
         entry["final_eval_mean"] = stats([r.result["final_eval_mean"] for r in finished
                                           if _number(r.result.get("final_eval_mean"))])
         entry["final_eval"] = {t: stats([r.result["final_eval"][t] for r in finished
@@ -148,6 +154,7 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
                              "pre_run_planning_s": r.pre_run_planning_s, "planning_time_s": r.planning_time_s,
                              "time_to_target_s": {k: v["time_s"] for k, v in t.items()},
                              "training_time_to_target_s": {k: v["training_time_s"] for k, v in t.items()},
+                             "rounds_to_target": {k: v["round"] for k, v in t.items()},
                              "final_eval_mean": r.result.get("final_eval_mean") if r.result else None,
                              "upload_bytes": r.total_bytes("upload"), "download_bytes": r.total_bytes("download")})
     for key in keys:
