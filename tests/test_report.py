@@ -89,6 +89,22 @@ def test_rounds_to_target_split_the_clock_into_rounds_and_round_length(tmp_path)
     md = rp.render_markdown(summary)
     assert "## Rounds and round length to the target (mean)" in md
     assert "| manual | 3.5 ± 2.1 (2/3) | 13.2 ± 1.1 | 2.0 ± 0.0 |" in md
+    # per seed: 25 s, 70 s, not reached; seeds 0 and 1 are each their seed's first (one method)
+    assert "| manual | **25** | **70** | — |" in md
+
+
+def test_per_seed_table_bolds_each_seeds_first_and_brackets_all_tasks(tmp_path):
+    """ROWS by hand: mean 0.6 at 25 s, A and B both >= 0.6 at 70 s; the same rows 10 s later
+    for the other method (delayed), which is never first."""
+    late = [dict(r, sim_time_s=r["sim_time_s"] + 10.0 * (r["round"] > 0)) for r in ROWS]
+    for seed in (0, 1):
+        write_run(tmp_path / "fast" / f"seed{seed}", ROWS, method="manual", seed=seed)
+        write_run(tmp_path / "slow" / f"seed{seed}", late, method="fslora", seed=seed)
+    runs = [rp.load_run(p) for p in rp.find_runs([tmp_path])]
+    md = rp.render_markdown(rp.summarize(runs, target={A: 0.6, B: 0.6, "mean": 0.6}))
+    assert "## Per seed (mean)" in md and "| method | seed 0 | seed 1 |" in md
+    assert "| manual | **25** (70) | **25** (70) |" in md
+    assert "| fslora | 35 (80) | 35 (80) |" in md
 
 
 def test_run_summary_float_target_from_config(tmp_path):

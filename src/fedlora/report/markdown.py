@@ -94,6 +94,31 @@ def _table(header: list[str], align: list[str], rows: list[list[str]]) -> list[s
     return lines
 
 
+def _per_seed_times(summary: dict, key: str, key_name) -> list[str]:
+    """Each method's time to the target per seed (all tasks at once in brackets when that is
+    a different key), the first of each seed in bold: what the means, ranges and paired tests
+    are made of."""
+    both = ALL in summary["target_keys"] and key != ALL
+    seeds = sorted({r["seed"] for r in summary["runs"]})
+    first = {sd: min((r["time_to_target_s"][key] for r in summary["runs"]
+                      if r["seed"] == sd and r["time_to_target_s"][key] is not None), default=None)
+             for sd in seeds}
+
+    def fmt(v):
+        return "—" if v is None else f"{v:,.0f}"
+    cells: dict[str, dict[int, str]] = {}
+    for r in summary["runs"]:
+        t, sd = r["time_to_target_s"], r["seed"]
+        cell = f"**{fmt(t[key])}**" if t[key] is not None and t[key] == first[sd] else fmt(t[key])
+        cells.setdefault(r["label"], {})[sd] = cell + (f" ({fmt(t[ALL])})" if both else "")
+    text = f"Time to the {key_name(key)} target per seed, simulated seconds as in the first table"
+    text += (" (all task targets at once in brackets)" if both else "") + "; the first of each seed in bold; "
+    text += "'—': not reached."
+    rows = [[label] + [by_seed.get(sd, "") for sd in seeds] for label, by_seed in cells.items()]
+    return ["", f"## Per seed ({key_name(key)})", "", text, ""] + _table(
+        ["method"] + [f"seed {sd}" for sd in seeds], [":--"] + ["--:"] * len(seeds), rows)
+
+
 def _rounds_to_target(methods: dict, key: str, key_name) -> list[str]:
     """The run's clock to the target split into rounds x round length, with the participants a
     round: whether a method gains on fewer rounds or on shorter ones."""
@@ -156,6 +181,7 @@ def render_markdown(summary: dict, title: str = "fedlora comparison") -> str:
         out += ["", "## Time to target on the run's own clock (planning before round 1 not counted)", ""]
         rows_t = [[label] + [_fmt_time(m["training_time_to_target_s"][k]) for k in keys] for label, m in methods.items()]
         out += _table(["method"] + [key_name(k) for k in keys], [":--"] + ["--:"] * len(keys), rows_t)
+        out += _per_seed_times(summary, MEAN if MEAN in keys else primary, key_name)
         out += _rounds_to_target(methods, MEAN if MEAN in keys else primary, key_name)
     out += ["", "## Final accuracy per task", ""]
     header2 = ["method"] + tasks + ["mean", "stop reasons"]
