@@ -130,7 +130,7 @@ def summarize(runs: Sequence[Run], target: Target = None, baseline: str | None =
                                                        "of": len(members)}
             entry["upload_to_target_bytes"][key] = stats([t[key]["upload_bytes"] for t in ttt_runs
                                                           if t[key]["upload_bytes"] is not None])
-            trained = [t[key] for t in ttt_runs if t[key]["round"]]  # reached, after round 1 or later
+            trained = [t[key] for t in ttt_runs if t[key]["round"]]  # reached in round 1 or later
             entry["rounds_to_target"][key] = {
                 "rounds": stats([t["round"] for t in trained]),
                 "round_s": stats([t["training_time_s"] / t["round"] for t in trained]),
